@@ -1,0 +1,107 @@
+"""Sending a request to a node and reading its events back (the gateway's side of the wire).
+
+See ``workers.protocol`` for why each request gets its own Redis stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from apps.gateway.errors import OpenAIError, no_worker
+from apps.models.models import RegisteredModel
+from apps.nodes.models import Node
+from apps.nodes.selectors import node_list_live
+from llmplatform.celery import app as celery_app
+from workers import protocol
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_TASK = "workers.tasks.inference_run"
+_clients: dict[int, aioredis.Redis] = {}
+_background: set[asyncio.Task] = set()
+
+
+def redis_client() -> aioredis.Redis:
+    """One client (and connection pool) per event loop."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _clients.get(loop_id)
+    if client is None:
+        client = _clients[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL)
+    return client
+
+
+def spawn(coro) -> asyncio.Task:
+    """Run ``coro`` to completion even if the request that started it is cancelled."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def _inflight_key(node_name: str) -> str:
+    return f"{settings.LLMP_REDIS_PREFIX}:node:{node_name}:inflight"
+
+
+async def node_pick(model: RegisteredModel) -> Node:
+    """The live node to serve ``model``: one holding it loaded first, then the least busy."""
+    nodes = [node async for node in node_list_live()]
+    if not nodes:
+        raise no_worker(f"No live worker node can serve '{model.id}' right now; start one with "
+                        "'python -m workers --node NAME'.")
+    counts = await redis_client().mget([_inflight_key(node.name) for node in nodes])
+    busy = {node.name: int(count or 0) for node, count in zip(nodes, counts)}
+    return min(nodes, key=lambda node: (model.id not in node.loaded_models, busy[node.name], node.name))
+
+
+async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> None:
+    send = partial(celery_app.send_task, INFERENCE_TASK, queue=node.queue,
+                   kwargs={"request_id": request_id, "kind": kind, "model": model.worker_spec(), "params": params})
+    await asyncio.gather(asyncio.to_thread(send), redis_client().incr(_inflight_key(node.name)))
+
+
+async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
+    """The gateway is done with a request: free the node's slot, and stop the worker if asked."""
+    client = redis_client()
+    pipe = client.pipeline(transaction=False)
+    pipe.decr(_inflight_key(node.name))
+    if cancel:
+        pipe.set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1, ex=protocol.STREAM_TTL_SECONDS)
+    pipe.delete(protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))
+    await pipe.execute()
+
+
+async def request_events(request_id: str) -> AsyncIterator[tuple[str, dict]]:
+    """Every event of a request in order, from the first; raises OpenAIError on timeouts.
+
+    Waits up to LLMP_QUEUE_TIMEOUT for a worker to pick the request up, then up to
+    LLMP_STREAM_IDLE_TIMEOUT between two events.
+    """
+    client = redis_client()
+    key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
+    last_id = "0-0"
+    started = False
+    deadline = time.monotonic() + settings.LLMP_QUEUE_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if not started:
+                raise no_worker(f"No worker picked the request up within {settings.LLMP_QUEUE_TIMEOUT:g}s.")
+            raise OpenAIError(503, f"The worker went silent for {settings.LLMP_STREAM_IDLE_TIMEOUT:g}s.",
+                              code="worker_timeout", type="server_error")
+        reply = await client.xread({key: last_id}, block=max(1, int(min(remaining, 5.0) * 1000)), count=512)
+        if not reply:
+            continue
+        for entry_id, fields in reply[0][1]:
+            last_id = entry_id
+            event, data = protocol.decode(fields)
+            if event == protocol.EVENT_START:
+                started = True
+            yield event, data
+        deadline = time.monotonic() + settings.LLMP_STREAM_IDLE_TIMEOUT

@@ -1,0 +1,44 @@
+"""The one place /v1 errors get OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from django.http import JsonResponse
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None, param: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JsonResponse:
+        response = JsonResponse(self.body(), status=self.status)
+        if self.status == 401:
+            response["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @classmethod
+    def from_event(cls, data: dict) -> OpenAIError:
+        """An error the worker reported on the request stream."""
+        return cls(data.get("status", 500), data.get("message", "the worker failed"), code=data.get("code"),
+                   param=data.get("param"), type=data.get("type", "server_error"))
+
+
+def invalid_api_key(message: str) -> OpenAIError:
+    return OpenAIError(401, message, code="invalid_api_key")
+
+
+def invalid_value(param: str, message: str) -> OpenAIError:
+    return OpenAIError(400, message, code="invalid_value", param=param)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(404, f"The model '{model}' does not exist or you do not have access to it.",
+                       code="model_not_found", param="model")
+
+
+def no_worker(message: str) -> OpenAIError:
+    return OpenAIError(503, message, code="no_worker_available", type="server_error")

@@ -1,0 +1,10 @@
+from django.apps import AppConfig
+
+
+class ModelsConfig(AppConfig):
+    """The model registry. Labelled ``llm_models`` so it never reads as Django's ``models``."""
+
+    name = "apps.models"
+    label = "llm_models"
+    verbose_name = "LLM models"
+    default_auto_field = "django.db.models.BigAutoField"

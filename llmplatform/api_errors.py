@@ -1,0 +1,28 @@
+"""The one place management-API errors get their shape: ``{"error": "...", "detail": ...}``."""
+
+from __future__ import annotations
+
+from rest_framework.views import exception_handler
+
+
+def _first_message(detail) -> str:
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            message = _first_message(value)
+            return message if key in ("detail", "non_field_errors") else f"{key}: {message}"
+        return "invalid request"
+    if isinstance(detail, list):
+        return _first_message(detail[0]) if detail else "invalid request"
+    return str(detail)
+
+
+def management_exception_handler(exc, context):
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    detail = response.data
+    body = {"error": _first_message(detail)}
+    if isinstance(detail, dict) and set(detail) - {"detail"}:
+        body["detail"] = detail
+    response.data = body
+    return response

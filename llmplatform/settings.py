@@ -1,0 +1,178 @@
+"""Settings for llmplatform, read from the environment with embedded defaults.
+
+With no environment at all the platform runs on SQLite under ``./data``, Redis on
+127.0.0.1:6379 and the bundled SmolLM2 model. ``.env.example`` lists every variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+
+from llmplatform.env import env_bool, env_float, env_int, env_list, env_path, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = env_path("LLMP_DATA_DIR", BASE_DIR / "data")
+MODELS_DIR = env_path("LLMP_MODELS_DIR", DATA_DIR / "models")
+MODELS_DIR.mkdir(parents=True, exist_ok=True)
+
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", "insecure-dev-key-change-me-in-production")
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "channels",
+    "apps.nodes",
+    "apps.models",
+    "apps.gateway",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "llmplatform.urls"
+ASGI_APPLICATION = "llmplatform.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# SQLite under the data directory unless DATABASE_URL names another database
+# (postgres://user@host:5432/name for a multi-node deployment).
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'llmplatform.sqlite3'}"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the gateway read while a worker writes; the timeout rides out short locks.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+    )
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LLMP_LOG_LEVEL", "INFO")},
+}
+
+# --- Redis, Celery, Channels -------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_RESULT_BACKEND = None  # results travel over per-request Redis streams, not Celery
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = env_str("LLMP_DEFAULT_QUEUE", "llmp.default")
+CELERY_BEAT_SCHEDULE = {
+    "request-log-prune": {
+        "task": "apps.gateway.tasks.request_log_prune",
+        "schedule": env_float("LLMP_REQUEST_LOG_PRUNE_INTERVAL", 3600.0, minimum=1.0),
+    },
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "llmp:channels"},
+    }
+}
+
+# --- Platform ----------------------------------------------------------------------------
+# Prefix for every Redis key the platform writes, so two installs can share one Redis.
+LLMP_REDIS_PREFIX = env_str("LLMP_REDIS_PREFIX", "llmp")
+# A node is live while its last heartbeat is younger than this many seconds.
+LLMP_HEARTBEAT_INTERVAL = env_float("LLMP_HEARTBEAT_INTERVAL", 5.0, minimum=0.5)
+LLMP_NODE_LIVE_SECONDS = env_float("LLMP_NODE_LIVE_SECONDS", 20.0, minimum=1.0)
+# How long the gateway waits for a worker to pick up a request before answering 503.
+LLMP_QUEUE_TIMEOUT = env_float("LLMP_QUEUE_TIMEOUT", 30.0, minimum=0.1)
+# Longest silence between two events of a running generation before the gateway gives up.
+LLMP_STREAM_IDLE_TIMEOUT = env_float("LLMP_STREAM_IDLE_TIMEOUT", 120.0, minimum=1.0)
+LLMP_REQUEST_LOG_RETENTION_DAYS = env_int("LLMP_REQUEST_LOG_RETENTION_DAYS", 7, minimum=1)
+LLMP_DEFAULT_MAX_TOKENS = env_int("LLMP_DEFAULT_MAX_TOKENS", 512, minimum=1)
+LLMP_DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+
+# Worker model pool (read by workers/, passed in as plain values).
+LLMP_POOL_MAX_MODELS = env_int("LLMP_POOL_MAX_MODELS", 2, minimum=1)
+LLMP_POOL_MEMORY_BUDGET_MB = env_int("LLMP_POOL_MEMORY_BUDGET_MB", 0, minimum=0)  # 0: 60% of RAM
+LLMP_POOL_SLOTS_PER_MODEL = env_int("LLMP_POOL_SLOTS_PER_MODEL", 2, minimum=1)
+LLMP_N_CTX = env_int("LLMP_N_CTX", 4096, minimum=256)
+LLMP_N_GPU_LAYERS = env_int("LLMP_N_GPU_LAYERS", -1)
+LLMP_N_THREADS = env_int("LLMP_N_THREADS", 0, minimum=0)  # 0: llama.cpp picks
+LLMP_WORKER_CONCURRENCY = env_int("LLMP_WORKER_CONCURRENCY", 4, minimum=1)
+
+# --- DRF ---------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apps.gateway.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "llmplatform.api_errors.management_exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "llmplatform management API",
+    "DESCRIPTION": "Nodes, models, API keys and request history of an llmplatform fleet.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}

@@ -1,0 +1,59 @@
+"""The worker bootstep that registers this node and keeps its heartbeat going."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from celery import bootsteps
+from django.conf import settings
+from django.db import close_old_connections
+
+logger = logging.getLogger(__name__)
+
+
+class NodeLifecycle(bootsteps.StartStopStep):
+    """Register the node when the worker starts; heartbeat until it stops; go offline on stop."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker) -> None:
+        from apps.models.services import model_register_bundled
+        from apps.nodes.services import node_register
+        from workers.hardware import hardware_snapshot
+        from workers.node import gpu_index, node_name
+
+        model_register_bundled()
+        node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(),
+                             hardware=hardware_snapshot())
+        logger.info("node %s registered, consuming queue %s", node.name, node.queue)
+        self._thread = threading.Thread(target=self._beat, name="node-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        from apps.nodes.services import node_heartbeat_record
+        from workers.node import loaded_model_ids, node_name
+
+        while not self._stop.wait(settings.LLMP_HEARTBEAT_INTERVAL):
+            try:
+                close_old_connections()
+                node_heartbeat_record(name=node_name(), loaded_models=loaded_model_ids())
+            except Exception:
+                logger.exception("heartbeat failed; retrying in %ss", settings.LLMP_HEARTBEAT_INTERVAL)
+
+    def stop(self, worker) -> None:
+        from apps.nodes.services import node_mark_offline
+        from workers.node import node_name
+
+        self._stop.set()
+        try:
+            close_old_connections()
+            node_mark_offline(name=node_name())
+        except Exception:
+            logger.exception("could not mark node offline")

@@ -1,0 +1,69 @@
+"""This process's node: its configuration, its model pool and its Redis connection.
+
+Built once per worker process from Django settings and the environment that
+``python -m workers`` sets (``LLMP_NODE_NAME``, ``LLMP_GPU_INDEX``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cache
+
+import psutil
+import redis
+from django.conf import settings
+
+from workers.pool import ModelKey, ModelPool
+from workers.runner import NodeConfig, load_llama
+
+
+def node_name() -> str:
+    return os.environ.get("LLMP_NODE_NAME") or socket.gethostname()
+
+
+def gpu_index() -> int | None:
+    raw = os.environ.get("LLMP_GPU_INDEX")
+    return int(raw) if raw else None
+
+
+@cache
+def node_config() -> NodeConfig:
+    return NodeConfig(
+        name=node_name(),
+        models_dir=settings.MODELS_DIR,
+        redis_prefix=settings.LLMP_REDIS_PREFIX,
+        n_ctx=settings.LLMP_N_CTX,
+        n_gpu_layers=settings.LLMP_N_GPU_LAYERS,
+        n_threads=settings.LLMP_N_THREADS,
+    )
+
+
+@cache
+def node_redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+@cache
+def node_pool() -> ModelPool:
+    budget_mb = settings.LLMP_POOL_MEMORY_BUDGET_MB or int(psutil.virtual_memory().total * 0.6) >> 20
+    config = node_config()
+
+    def unload(instance) -> None:
+        instance.close()
+
+    return ModelPool(
+        loader=lambda key: load_llama(key, config),
+        size_of=lambda key: os.path.getsize(key.path),
+        unloader=unload,
+        max_models=settings.LLMP_POOL_MAX_MODELS,
+        memory_budget_bytes=budget_mb << 20,
+        slots_per_model=settings.LLMP_POOL_SLOTS_PER_MODEL,
+    )
+
+
+def loaded_model_ids() -> list[str]:
+    return sorted({key.model_id for key in node_pool().loaded()})
+
+
+__all__ = ["ModelKey", "node_config", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]

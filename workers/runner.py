@@ -1,0 +1,111 @@
+"""Running one inference request on this node and writing its events to the request stream."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from workers import protocol
+from workers.bundled import bundled_model_path
+from workers.generation import InferenceError, SamplingParams, generate
+from workers.pool import ModelKey, ModelPool, PoolExhausted
+from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
+
+logger = logging.getLogger(__name__)
+
+KIND_CHAT, KIND_COMPLETION, KIND_EMBEDDING = protocol.KIND_CHAT, protocol.KIND_COMPLETION, protocol.KIND_EMBEDDING
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    models_dir: Path
+    redis_prefix: str
+    n_ctx: int
+    n_gpu_layers: int
+    n_threads: int  # 0: llama.cpp's choice
+
+
+def model_path(model: dict, models_dir: Path) -> Path:
+    """Where this node keeps the file of a registered model."""
+    if model["source"] == "bundled":
+        return bundled_model_path()
+    return models_dir / model["file_name"]
+
+
+def load_llama(key: ModelKey, config: NodeConfig) -> llama_cpp.Llama:
+    options = {"n_ctx": config.n_ctx, "n_gpu_layers": config.n_gpu_layers, "verbose": False}
+    if config.n_threads:
+        options["n_threads"] = config.n_threads
+    if key.embedding:
+        options.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+    logger.info("loading %s from %s (embedding=%s)", key.model_id, key.path, key.embedding)
+    return llama_cpp.Llama(model_path=key.path, **options)
+
+
+def _embedding_result(llm: llama_cpp.Llama, inputs: list[str], encoding_format: str) -> dict:
+    n_ctx = llm.n_ctx()
+    for index, text in enumerate(inputs):
+        if len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) > n_ctx:
+            raise InferenceError(f"input[{index}] is longer than the model's context of {n_ctx} tokens",
+                                 code="context_length_exceeded", param="input")
+    vectors, total_tokens = llm.embed(inputs, normalize=True, truncate=False, return_count=True)
+    data = []
+    for index, vector in enumerate(vectors):
+        if encoding_format == "base64":
+            encoded = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        else:
+            encoded = [float(x) for x in vector]
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return {"data": data, "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens}}
+
+
+def request_run(*, request_id: str, kind: str, model: dict, params: dict, config: NodeConfig,
+                redis, pool: ModelPool) -> None:
+    """Serve one request; every outcome, failure included, ends the stream with one final event."""
+    stream = protocol.RequestStream(redis, config.redis_prefix, request_id)
+    if stream.cancelled():
+        logger.info("request %s was cancelled before it started", request_id)
+        return
+    stream.emit(protocol.EVENT_START, {"node": config.name})
+    try:
+        path = model_path(model, config.models_dir)
+        if not path.is_file():
+            raise InferenceError(f"model {model['id']} is not on node {config.name} ({path})",
+                                 code="model_unavailable", status=503, type="server_error")
+        key = ModelKey(model["id"], str(path), embedding=kind == KIND_EMBEDDING)
+        with pool.lease(key) as llm:
+            if kind == KIND_EMBEDDING:
+                result = _embedding_result(llm, params["input"], params.get("encoding_format", "float"))
+                stream.emit(protocol.EVENT_DONE, result)
+                return
+            if kind == KIND_CHAT:
+                tokens, template_stops = chat_prompt_tokens(llm, params["messages"])
+            else:
+                tokens, template_stops = completion_prompt_tokens(llm, params["prompt"]), []
+            sampling = SamplingParams(
+                max_tokens=params["max_tokens"], temperature=params["temperature"], top_p=params["top_p"],
+                stop=tuple(params.get("stop") or ()) + tuple(template_stops), seed=params.get("seed"),
+                frequency_penalty=params.get("frequency_penalty", 0.0),
+                presence_penalty=params.get("presence_penalty", 0.0),
+            )
+            result = generate(llm, tokens, sampling, stream.emit_token)
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                 "total_tokens": result.prompt_tokens + result.completion_tokens}
+        stream.emit(protocol.EVENT_DONE, {"finish_reason": result.finish_reason, "usage": usage})
+    except protocol.RequestCancelled:
+        logger.info("request %s cancelled by its client", request_id)
+    except InferenceError as exc:
+        stream.emit(protocol.EVENT_ERROR, exc.as_event())
+    except PoolExhausted as exc:
+        stream.emit(protocol.EVENT_ERROR, InferenceError(str(exc), code="model_unavailable", status=503,
+                                                         type="server_error").as_event())
+    except Exception as exc:
+        logger.exception("request %s failed", request_id)
+        stream.emit(protocol.EVENT_ERROR, InferenceError(f"the worker failed: {exc}", code="internal_error",
+                                                         status=500, type="server_error").as_event())
