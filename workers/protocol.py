@@ -25,6 +25,9 @@ EVENT_START = "start"  # the worker picked the request up: {"node": name}
 EVENT_TOKEN = "token"  # one piece of generated text: {"text": str}
 EVENT_DONE = "done"  # generation ended: {"finish_reason", "usage", and "data" for embeddings}
 EVENT_ERROR = "error"  # the request failed: {"message", "code", "type", "status"}
+# The worker stopped because the client left: {"tokens_emitted", "at" (unix time)}. Nobody
+# waits for it; it records when and where generation stopped, for operators and tests.
+EVENT_CANCELLED = "cancelled"
 
 
 def stream_key(prefix: str, request_id: str) -> str:
@@ -58,6 +61,7 @@ class RequestStream:
         self._redis = redis
         self._key = stream_key(prefix, request_id)
         self._cancel_key = cancel_key(prefix, request_id)
+        self.tokens_emitted = 0
 
     def cancelled(self) -> bool:
         return bool(self._redis.exists(self._cancel_key))
@@ -75,5 +79,6 @@ class RequestStream:
         pipe.xadd(self._key, encode(EVENT_TOKEN, {"text": text}))
         pipe.exists(self._cancel_key)
         _, cancelled = pipe.execute()
+        self.tokens_emitted += 1
         if cancelled:
             raise RequestCancelled()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         stream.emit(protocol.EVENT_DONE, {"finish_reason": result.finish_reason, "usage": usage})
     except protocol.RequestCancelled:
-        logger.info("request %s cancelled by its client", request_id)
+        logger.info("request %s cancelled by its client after %d tokens", request_id, stream.tokens_emitted)
+        stream.emit(protocol.EVENT_CANCELLED, {"tokens_emitted": stream.tokens_emitted, "at": time.time()})
     except InferenceError as exc:
         stream.emit(protocol.EVENT_ERROR, exc.as_event())
     except PoolExhausted as exc:

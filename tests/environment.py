@@ -1,0 +1,16 @@
+"""Isolation for a test session, loaded as a pytest plugin (``-p tests.environment``) so that it
+runs before pytest-django reads the settings: its own data directory, Redis database, key
+prefix and queues, so a test run never meets a ``make run`` on the same machine."""
+
+import os
+import tempfile
+import uuid
+
+RUN = uuid.uuid4().hex[:8]
+
+os.environ.setdefault("LLMP_DATA_DIR", tempfile.mkdtemp(prefix="llmp-test-"))
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ["LLMP_REDIS_PREFIX"] = f"llmptest-{RUN}"
+os.environ["LLMP_DEFAULT_QUEUE"] = f"llmptest-{RUN}.default"
+os.environ.setdefault("LLMP_HEARTBEAT_INTERVAL", "1")
+os.environ.setdefault("LLMP_N_CTX", "2048")

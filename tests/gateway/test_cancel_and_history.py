@@ -1,0 +1,104 @@
+"""Cancellation on disconnect, and the request history every /v1 call leaves behind."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import redis
+from django.conf import settings
+
+from apps.gateway.models import RequestLog, RequestStatus
+from llmplatform import devstack
+from workers import protocol
+
+
+def _finished_row(request_id: str, timeout: float = 15) -> RequestLog:
+    """The request's history row once the gateway has completed it (written in the background)."""
+    found = {}
+
+    def done() -> bool:
+        row = RequestLog.objects.filter(pk=uuid.UUID(request_id)).first()
+        found["row"] = row
+        return row is not None and row.status != RequestStatus.PENDING
+
+    devstack.wait_until(done, timeout=timeout, what=f"history row of {request_id}")
+    return found["row"]
+
+
+def _cancelled_event(request_id: str, timeout: float = 10) -> dict:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
+    last = "0-0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = client.xread({key: last}, block=500)
+        for entry_id, fields in (reply[0][1] if reply else []):
+            last = entry_id
+            event, data = protocol.decode(fields)
+            if event == protocol.EVENT_CANCELLED:
+                return data
+    raise AssertionError(f"the worker never reported cancelling {request_id}")
+
+
+def test_a_client_that_disconnects_stops_its_generation_within_a_second(http, model_id):
+    body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 1.0,
+            "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        request_id = response.headers["X-Request-Id"]
+        lines = response.iter_lines()
+        received = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        disconnected_at = time.time()
+    assert len(received) >= 3
+    cancelled = _cancelled_event(request_id)
+    assert cancelled["at"] - disconnected_at < 1.0
+    assert cancelled["tokens_emitted"] < 1500
+    row = _finished_row(request_id)
+    assert row.status == RequestStatus.CANCELLED
+    # The abandoned request holds nothing up: the next one is served at once.
+    after = http.post("/v1/completions", json={"model": model_id, "prompt": "Hi", "max_tokens": 4})
+    assert after.status_code == 200
+    assert _finished_row(after.headers["X-Request-Id"]).ttft_ms < 5000
+
+
+def test_a_completed_request_is_recorded_with_tokens_and_timings(http, platform, api_key, model_id):
+    body = {"model": model_id, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 12,
+            "temperature": 0}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    reply = response.json()
+    row = _finished_row(response.headers["X-Request-Id"])
+    assert row.status == RequestStatus.SUCCEEDED and row.status_code == 200
+    assert row.path == "/v1/chat/completions" and row.model == model_id and row.node == platform.node
+    assert row.api_key.prefix == api_key[:12] and row.user == row.api_key.user
+    assert (row.prompt_tokens, row.completion_tokens) == (reply["usage"]["prompt_tokens"],
+                                                          reply["usage"]["completion_tokens"])
+    assert 0 < row.ttft_ms <= row.latency_ms
+    assert row.request_body == body
+    assert row.response_body["choices"][0]["message"]["content"] == reply["choices"][0]["message"]["content"]
+    assert row.stream is False
+
+
+def test_a_streamed_request_is_recorded_with_its_text(http, model_id):
+    body = {"model": model_id, "prompt": "Roses are", "max_tokens": 8, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        request_id = response.headers["X-Request-Id"]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    row = _finished_row(request_id)
+    assert row.stream is True and row.status == RequestStatus.SUCCEEDED
+    assert row.response_body["text"] == text
+    assert row.completion_tokens == chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_a_refused_request_is_recorded_too(platform):
+    marker = f"/v1/models/refused-{uuid.uuid4().hex}"
+    assert httpx.get(platform.base_url + marker).status_code == 401
+    devstack.wait_until(lambda: RequestLog.objects.filter(path=marker).exists(), timeout=10, what="refused row")
+    row = RequestLog.objects.get(path=marker)
+    assert (row.status, row.status_code, row.error_code, row.api_key) == ("failed", 401, "invalid_api_key", None)

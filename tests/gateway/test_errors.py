@@ -1,0 +1,136 @@
+"""Every /v1 error comes in OpenAI's shape, with the right status and code."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from llmplatform import devstack
+
+
+def _error(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_a_wrong_key_is_refused_with_invalid_api_key(platform, model_id):
+    client = openai.OpenAI(base_url=f"{platform.base_url}/v1", api_key="llmp-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_a_missing_key_is_refused_everywhere_under_v1(platform):
+    for method, path in [("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/completions"), ("POST", "/v1/embeddings")]:
+        response = httpx.request(method, platform.base_url + path, json={})
+        assert response.status_code == 401, path
+        assert _error(response)["code"] == "invalid_api_key"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_missing_model_is_a_400(client, http):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.code == "missing_model"
+    response = http.post("/v1/embeddings", json={"input": "x"})
+    assert response.status_code == 400
+    assert _error(response) | {"message": ""} == {"message": "", "type": "invalid_request_error",
+                                                  "param": "model", "code": "missing_model"}
+
+
+def test_a_body_that_is_not_json_is_a_400(http):
+    response = http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert _error(response)["code"] == "invalid_json"
+    response = http.post("/v1/completions", json=["a", "list"])
+    assert response.status_code == 400
+    assert _error(response)["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("temperature", 3, "temperature"),
+    ("temperature", "hot", "temperature"),
+    ("top_p", 1.5, "top_p"),
+    ("max_tokens", 0, "max_tokens"),
+    ("max_tokens", True, "max_tokens"),
+    ("stop", ["a", "b", "c", "d", "e"], "stop"),
+    ("messages", [], "messages"),
+    ("messages", [{"role": "wizard", "content": "x"}], "messages[0].role"),
+    ("stream", "yes", "stream"),
+    ("stream_options", {"include_usage": True}, "stream_options"),
+    ("n", 2, "n"),
+])
+def test_a_bad_parameter_is_named_in_a_400(http, model_id, field, value, param):
+    body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], field: value}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert _error(response)["param"] == param
+
+
+def test_a_prompt_longer_than_the_context_is_a_400(http, model_id):
+    response = http.post("/v1/completions", json={"model": model_id, "prompt": "word " * 5000, "max_tokens": 4})
+    assert response.status_code == 400
+    assert _error(response)["code"] == "context_length_exceeded"
+
+
+def test_the_wrong_method_is_a_405(http):
+    response = http.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert _error(response)["code"] == "method_not_allowed"
+
+
+@pytest.fixture(scope="module")
+def bare_platform(tmp_path_factory):
+    """A gateway with its own empty database and no worker at all."""
+    root = tmp_path_factory.mktemp("bare")
+    env = devstack.child_env(DATABASE_URL=f"sqlite:///{root / 'bare.sqlite3'}", LLMP_DATA_DIR=str(root),
+                             LLMP_QUEUE_TIMEOUT="2")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=devstack.ROOT, env=env, check=True)
+    made = subprocess.run([sys.executable, "manage.py", "create_api_key", "--name", "bare"], cwd=devstack.ROOT,
+                          env=env, check=True, capture_output=True, text=True)
+    key = made.stdout.strip().splitlines()[-1]
+    subprocess.run([sys.executable, "-c", "import django; django.setup(); "
+                    "from apps.models.services import model_register_bundled as r; r()"],
+                   cwd=devstack.ROOT, env=dict(env, DJANGO_SETTINGS_MODULE="llmplatform.settings"), check=True)
+    port = devstack.free_port()
+    server = devstack.start_server(port, env=env, log_dir=root)
+    base_url = f"http://127.0.0.1:{port}"
+    devstack.wait_until(lambda: httpx.get(f"{base_url}/health").status_code == 200, timeout=30,
+                        what="bare gateway", processes=(server,))
+    yield base_url, key
+    server.stop()
+
+
+def test_no_live_worker_is_a_clear_503(bare_platform, model_id):
+    base_url, key = bare_platform
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 503
+    assert caught.value.code == "no_worker_available"
+    assert "worker" in caught.value.message
+
+
+def test_readiness_fails_without_a_worker_and_liveness_does_not(bare_platform):
+    base_url, _ = bare_platform
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{base_url}/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["workers"]["ok"] is False
+    assert ready.json()["checks"]["database"]["ok"] is True
+    assert ready.json()["checks"]["redis"]["ok"] is True
+
+
+def test_readiness_passes_with_a_live_worker(platform):
+    ready = httpx.get(f"{platform.base_url}/health/ready")
+    assert ready.status_code == 200
+    assert platform.node in ready.json()["checks"]["workers"]["live_nodes"]

@@ -1,0 +1,91 @@
+"""The DRF management API: nodes, registry, keys and request history, with its filters."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import httpx
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from apps.gateway.models import RequestLog
+from apps.gateway.services import api_key_create, request_log_prune
+from llmplatform import devstack
+
+
+def _client(platform, *, staff: bool) -> tuple[httpx.Client, object]:
+    user = get_user_model().objects.create_user(f"u-{uuid.uuid4().hex[:8]}", is_staff=staff)
+    _, raw_key = api_key_create(name="mgmt", user=user)
+    return httpx.Client(base_url=platform.base_url, headers={"Authorization": f"Bearer {raw_key}"}), user
+
+
+def test_the_live_node_is_listed_online(platform):
+    client, _ = _client(platform, staff=True)
+    nodes = {n["name"]: n for n in client.get("/api/v1/nodes/").json()["results"]}
+    assert nodes[platform.node]["status"] == "online"
+    assert nodes[platform.node]["hardware"]["ram_total_bytes"] > 0
+
+
+def test_request_history_is_filtered_and_private_to_its_owner(platform, model_id):
+    alice, alice_user = _client(platform, staff=False)
+    bob, _ = _client(platform, staff=False)
+    reply = alice.post("/v1/completions", json={"model": model_id, "prompt": "Hi", "max_tokens": 3})
+    request_id = reply.headers["X-Request-Id"]
+    devstack.wait_until(lambda: RequestLog.objects.filter(pk=uuid.UUID(request_id), status="succeeded").exists(),
+                        timeout=10, what="history row")
+    mine = alice.get("/api/v1/requests/", params={"model": model_id, "status": "succeeded"}).json()
+    assert [row["id"] for row in mine["results"]] == [str(uuid.UUID(request_id))]
+    assert mine["results"][0]["user"] == alice_user.username
+    assert alice.get("/api/v1/requests/", params={"model": "other-model"}).json()["results"] == []
+    assert bob.get("/api/v1/requests/").json()["results"] == []
+
+
+def test_a_key_created_through_the_api_is_shown_once(platform):
+    client, user = _client(platform, staff=False)
+    created = client.post("/api/v1/keys/", json={"name": "ci", "expires_in": 3600})
+    assert created.status_code == 201
+    raw_key = created.json()["key"]
+    assert httpx.get(f"{platform.base_url}/v1/models", headers={"Authorization": f"Bearer {raw_key}"}).status_code == 200
+    listed = client.get("/api/v1/keys/").json()["results"]
+    assert all("key" not in row for row in listed)
+    revoked = client.post(f"/api/v1/keys/{created.json()['id']}/revoke/")
+    assert revoked.json()["revoked_at"]
+    assert httpx.get(f"{platform.base_url}/v1/models", headers={"Authorization": f"Bearer {raw_key}"}).status_code == 401
+
+
+def test_management_errors_have_one_shape(platform):
+    anonymous = httpx.get(f"{platform.base_url}/api/v1/nodes/")
+    assert anonymous.status_code in (401, 403)
+    assert isinstance(anonymous.json()["error"], str)
+    client, _ = _client(platform, staff=False)
+    bad = client.post("/api/v1/keys/", json={"name": ""})
+    assert bad.status_code == 400
+    assert bad.json()["error"].startswith("name:")
+
+
+def test_the_openapi_schema_and_browsable_api_are_served(platform):
+    schema = httpx.get(f"{platform.base_url}/api/schema/")
+    assert schema.status_code == 200 and "/api/v1/requests/" in schema.text
+    client, _ = _client(platform, staff=True)
+    page = client.get("/api/v1/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and "Api Root" in page.text
+
+
+def test_retention_deletes_only_old_history():
+    old = RequestLog.objects.create(path="/v1/models", status="succeeded")
+    fresh = RequestLog.objects.create(path="/v1/models", status="succeeded")
+    RequestLog.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=8))
+    assert request_log_prune() >= 1
+    assert not RequestLog.objects.filter(pk=old.pk).exists()
+    assert RequestLog.objects.filter(pk=fresh.pk).exists()
+
+
+def test_the_prune_task_runs_on_the_real_worker(platform):
+    from apps.gateway.tasks import request_log_prune as task
+
+    old = RequestLog.objects.create(path="/v1/models", status="succeeded")
+    RequestLog.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=30))
+    task.delay()
+    devstack.wait_until(lambda: not RequestLog.objects.filter(pk=old.pk).exists(), timeout=20,
+                        what="the worker to prune old history")
