@@ -35,7 +35,6 @@ os.environ.update({
     "LLMP_DATA_DIR": _DATA,
     "DATABASE_URL": f"sqlite:///{_DATA}/bench.sqlite3",
     "LLMP_REDIS_PREFIX": f"llmpbench-{uuid.uuid4().hex[:6]}",
-    "LLMP_DEFAULT_QUEUE": f"llmpbench-{uuid.uuid4().hex[:6]}.default",
     "LLMP_POOL_SLOTS_PER_MODEL": "1",
 })
 

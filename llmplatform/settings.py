@@ -118,7 +118,6 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_TASK_DEFAULT_QUEUE = env_str("LLMP_DEFAULT_QUEUE", "llmp.default")
 CELERY_BEAT_SCHEDULE = {
     "request-log-prune": {
         "task": "apps.gateway.tasks.request_log_prune",
@@ -134,8 +133,9 @@ CHANNEL_LAYERS = {
 }
 
 # --- Platform ----------------------------------------------------------------------------
-# Prefix for every Redis key the platform writes, so two installs can share one Redis.
+# Prefix for every Redis key and queue the platform uses, so two installs can share one Redis.
 LLMP_REDIS_PREFIX = env_str("LLMP_REDIS_PREFIX", "llmp")
+CELERY_TASK_DEFAULT_QUEUE = env_str("LLMP_DEFAULT_QUEUE", f"{LLMP_REDIS_PREFIX}.default")
 # A node is live while its last heartbeat is younger than this many seconds.
 LLMP_HEARTBEAT_INTERVAL = env_float("LLMP_HEARTBEAT_INTERVAL", 5.0, minimum=0.5)
 LLMP_NODE_LIVE_SECONDS = env_float("LLMP_NODE_LIVE_SECONDS", 20.0, minimum=1.0)

@@ -11,6 +11,5 @@ RUN = uuid.uuid4().hex[:8]
 os.environ.setdefault("LLMP_DATA_DIR", tempfile.mkdtemp(prefix="llmp-test-"))
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ["LLMP_REDIS_PREFIX"] = f"llmptest-{RUN}"
-os.environ["LLMP_DEFAULT_QUEUE"] = f"llmptest-{RUN}.default"
 os.environ.setdefault("LLMP_HEARTBEAT_INTERVAL", "1")
 os.environ.setdefault("LLMP_N_CTX", "2048")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -24,16 +25,19 @@ from workers import protocol
 logger = logging.getLogger(__name__)
 
 INFERENCE_TASK = "workers.tasks.inference_run"
-_clients: dict[int, aioredis.Redis] = {}
+# Longest single XREAD wait: well under redis-py's default 5 s socket timeout, and how often a
+# silent request re-checks that its node is still alive.
+XREAD_BLOCK_SECONDS = 2.0
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 _background: set[asyncio.Task] = set()
 
 
 def redis_client() -> aioredis.Redis:
     """One client (and connection pool) per event loop."""
-    loop_id = id(asyncio.get_running_loop())
-    client = _clients.get(loop_id)
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
     if client is None:
-        client = _clients[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL)
+        client = _clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL)
     return client
 
 
@@ -77,11 +81,12 @@ async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
     await pipe.execute()
 
 
-async def request_events(request_id: str) -> AsyncIterator[tuple[str, dict]]:
+async def request_events(request_id: str, node_name: str) -> AsyncIterator[tuple[str, dict]]:
     """Every event of a request in order, from the first; raises OpenAIError on timeouts.
 
     Waits up to LLMP_QUEUE_TIMEOUT for a worker to pick the request up, then up to
-    LLMP_STREAM_IDLE_TIMEOUT between two events.
+    LLMP_STREAM_IDLE_TIMEOUT between two events. If the node stops heartbeating while the
+    request waits, it fails at once instead of waiting out the timeout.
     """
     client = redis_client()
     key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
@@ -95,8 +100,12 @@ async def request_events(request_id: str) -> AsyncIterator[tuple[str, dict]]:
                 raise no_worker(f"No worker picked the request up within {settings.LLMP_QUEUE_TIMEOUT:g}s.")
             raise OpenAIError(503, f"The worker went silent for {settings.LLMP_STREAM_IDLE_TIMEOUT:g}s.",
                               code="worker_timeout", type="server_error")
-        reply = await client.xread({key: last_id}, block=max(1, int(min(remaining, 5.0) * 1000)), count=512)
+        block_ms = max(1, int(min(remaining, XREAD_BLOCK_SECONDS) * 1000))
+        reply = await client.xread({key: last_id}, block=block_ms, count=512)
         if not reply:
+            if not await node_list_live().filter(name=node_name).aexists():
+                raise OpenAIError(503, f"Node {node_name} stopped answering while serving the request.",
+                                  code="worker_lost", type="server_error")
             continue
         for entry_id, fields in reply[0][1]:
             last_id = entry_id

@@ -57,7 +57,7 @@ class _Generation:
                          request_body=self.valid.body)
         await request_send(request_id=self.request_id, kind=self.valid.kind, model=self.model,
                            params=self.valid.params, node=self.node)
-        self.events = request_events(self.request_id)
+        self.events = request_events(self.request_id, self.node.name)
 
     async def next_output(self) -> tuple[str, dict]:
         """The next event that carries output (token, done or error), skipping bookkeeping ones."""

@@ -1,0 +1,92 @@
+"""The worker → gateway wire on real Redis: order, completeness, late readers, lost workers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from apps.gateway.dispatch import request_events
+from apps.gateway.errors import OpenAIError
+from apps.nodes.services import node_register
+from workers import protocol
+
+
+def _stream(request_id: str) -> protocol.RequestStream:
+    return protocol.RequestStream(redis.Redis.from_url(settings.REDIS_URL), settings.LLMP_REDIS_PREFIX, request_id)
+
+
+async def _read_all(request_id: str, node: str) -> list[tuple[str, dict]]:
+    events = []
+    async for event, data in request_events(request_id, node):
+        events.append((event, data))
+        if event in (protocol.EVENT_DONE, protocol.EVENT_ERROR):
+            return events
+    return events
+
+
+def _live_node() -> str:
+    return node_register(name=f"wire-{uuid.uuid4().hex[:6]}", hostname="h", gpu_index=None, hardware={}).name
+
+
+def test_a_reader_that_starts_late_gets_every_token_once_and_in_order():
+    request_id = uuid.uuid4().hex
+    writer = _stream(request_id)
+    writer.emit(protocol.EVENT_START, {"node": "n"})
+    pieces = [f"<{i}>" for i in range(500)]
+    for piece in pieces:
+        writer.emit_token(piece)
+    writer.emit(protocol.EVENT_DONE, {"finish_reason": "length", "usage": {}})
+    events = asyncio.run(_read_all(request_id, _live_node()))
+    assert [data["text"] for event, data in events if event == protocol.EVENT_TOKEN] == pieces
+    assert [event for event, _ in events][0] == protocol.EVENT_START
+    assert events[-1][0] == protocol.EVENT_DONE
+
+
+def test_a_reader_keeps_up_with_a_writer_in_another_thread():
+    request_id = uuid.uuid4().hex
+    pieces = [str(i) for i in range(300)]
+    node = _live_node()
+
+    async def scenario():
+        def write():
+            writer = _stream(request_id)
+            writer.emit(protocol.EVENT_START, {"node": "n"})
+            for piece in pieces:
+                writer.emit_token(piece)
+            writer.emit(protocol.EVENT_DONE, {"finish_reason": "stop", "usage": {}})
+
+        reading = asyncio.create_task(_read_all(request_id, node))
+        await asyncio.to_thread(write)
+        return await reading
+
+    events = asyncio.run(scenario())
+    assert [d["text"] for e, d in events if e == protocol.EVENT_TOKEN] == pieces
+
+
+def test_the_worker_learns_of_a_cancel_on_its_next_token():
+    request_id = uuid.uuid4().hex
+    writer = _stream(request_id)
+    writer.emit_token("a")
+    redis.Redis.from_url(settings.REDIS_URL).set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1)
+    assert writer.cancelled()
+    with pytest.raises(protocol.RequestCancelled):
+        writer.emit_token("b")
+
+
+def test_a_node_that_stops_heartbeating_fails_the_request_at_once(settings):
+    settings.LLMP_QUEUE_TIMEOUT = 60
+    node = _live_node()
+    from apps.nodes.models import Node
+
+    Node.objects.filter(name=node).update(last_heartbeat=timezone.now() - timedelta(hours=1))
+    request_id = uuid.uuid4().hex
+    _stream(request_id).emit(protocol.EVENT_START, {"node": node})
+    with pytest.raises(OpenAIError) as caught:
+        asyncio.run(_read_all(request_id, node))
+    assert caught.value.status == 503 and caught.value.code == "worker_lost"
