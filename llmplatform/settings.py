@@ -145,6 +145,8 @@ LLMP_QUEUE_TIMEOUT = env_float("LLMP_QUEUE_TIMEOUT", 30.0, minimum=0.1)
 LLMP_STREAM_IDLE_TIMEOUT = env_float("LLMP_STREAM_IDLE_TIMEOUT", 120.0, minimum=1.0)
 LLMP_REQUEST_LOG_RETENTION_DAYS = env_int("LLMP_REQUEST_LOG_RETENTION_DAYS", 7, minimum=1)
 LLMP_DEFAULT_MAX_TOKENS = env_int("LLMP_DEFAULT_MAX_TOKENS", 512, minimum=1)
+# Largest request body the gateway reads (a long chat history is well under this).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("LLMP_MAX_REQUEST_BYTES", 8388608, minimum=1024)  # 8 MiB
 LLMP_DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 
 # Worker model pool (read by workers/, passed in as plain values).

@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from apps.gateway import views
 
@@ -8,4 +8,5 @@ urlpatterns = [
     path("embeddings", views.embeddings, name="v1-embeddings"),
     path("models", views.models_list, name="v1-models"),
     path("models/<path:model_id>", views.model_detail, name="v1-model-detail"),
+    re_path(r"^(?P<path>.*)$", views.unknown_path),
 ]

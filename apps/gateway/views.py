@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -21,6 +24,8 @@ from apps.models.models import RegisteredModel
 from apps.models.selectors import model_get_active, model_list_active
 from workers import protocol
 
+logger = logging.getLogger(__name__)
+
 
 def _json_bytes(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
@@ -34,6 +39,14 @@ async def _authenticate(request: HttpRequest, record: RequestRecord) -> ApiKey:
     record.identify(check.key)
     spawn(api_key_touch(key=check.key))
     return check.key
+
+
+def _body(request: HttpRequest) -> bytes:
+    try:
+        return request.body
+    except RequestDataTooBig:
+        raise OpenAIError(413, f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
+                          code="request_too_large") from None
 
 
 def _method_not_allowed(allowed: str) -> OpenAIError:
@@ -85,7 +98,7 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
         if request.method != "POST":
             raise _method_not_allowed("POST")
         await _authenticate(request, record)
-        valid = parse(validation.parse_json(request.body))
+        valid = parse(validation.parse_json(_body(request)))
         record.fields["model"] = valid.model
         model = await model_get_active(model_id=valid.model)
         if model is None:
@@ -110,6 +123,12 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
     except asyncio.CancelledError:  # the client went away
         record.close(status=RequestStatus.CANCELLED, status_code=499)
         raise
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.path)
+        error = OpenAIError(500, "The server failed while handling the request.", code="internal_error",
+                            type="server_error")
+        record.fail(error)
+        return error.response()
     finally:
         if generation is not None:
             generation.release()
@@ -257,3 +276,8 @@ async def model_detail(request: HttpRequest, model_id: str) -> HttpResponse:
         return _model_object(model)
 
     return await _serve_read(request, produce)
+
+
+@csrf_exempt
+async def unknown_path(request: HttpRequest, path: str) -> HttpResponse:
+    return OpenAIError(404, f"Invalid URL ({request.method} {request.path}).", code="unknown_url").response()

@@ -134,3 +134,18 @@ def test_readiness_passes_with_a_live_worker(platform):
     ready = httpx.get(f"{platform.base_url}/health/ready")
     assert ready.status_code == 200
     assert platform.node in ready.json()["checks"]["workers"]["live_nodes"]
+
+
+def test_an_unknown_v1_path_is_an_openai_404(http):
+    response = http.post("/v1/chat/complete", json={})
+    assert response.status_code == 404
+    assert _error(response)["code"] == "unknown_url"
+
+
+def test_an_oversized_body_is_a_413(http, model_id):
+    from django.conf import settings
+
+    content = "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10)
+    response = http.post("/v1/completions", json={"model": model_id, "prompt": content})
+    assert response.status_code == 413
+    assert _error(response)["code"] == "request_too_large"

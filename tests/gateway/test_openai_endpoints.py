@@ -5,9 +5,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-import threading
-import time
-
 import openai
 import pytest
 
@@ -120,28 +117,32 @@ def test_embeddings_as_floats_match_the_base64_encoding(http, model_id):
     assert decoded == pytest.approx(floats.json()["data"][0]["embedding"], abs=1e-6)
 
 
+def _worker_finished(request_id: str) -> bool:
+    """Whether the worker has written the end of this request's stream yet."""
+    import redis
+    from django.conf import settings
+
+    from workers import protocol
+
+    entries = redis.Redis.from_url(settings.REDIS_URL).xrange(
+        protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))
+    return any(protocol.decode(fields)[0] == protocol.EVENT_DONE for _, fields in entries)
+
+
 def test_two_streams_run_side_by_side(client, model_id):
-    prompts = ["Tell me about mountains.", "Tell me about rivers."]
-    expected = [client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": p}],
-                                               max_tokens=48, temperature=0).choices[0].message.content
-                for p in prompts]
-    arrivals: dict[int, list[float]] = {0: [], 1: []}
-    texts: dict[int, str] = {}
-
-    def run(index: int) -> None:
-        text = ""
-        for chunk in client.chat.completions.create(model=model_id, max_tokens=48, temperature=0, stream=True,
-                                                    messages=[{"role": "user", "content": prompts[index]}]):
-            if chunk.choices and chunk.choices[0].delta.content:
-                arrivals[index].append(time.monotonic())
-                text += chunk.choices[0].delta.content
-        texts[index] = text
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert [texts[0], texts[1]] == expected
-    # Interleaved: each stream delivered tokens before the other one finished.
-    assert arrivals[0][0] < arrivals[1][-1] and arrivals[1][0] < arrivals[0][-1]
+    short_args = dict(model=model_id, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8,
+                      temperature=0)
+    expected_short = client.chat.completions.create(**short_args).choices[0].message.content
+    raw = client.chat.completions.with_raw_response.create(
+        model=model_id, max_tokens=400, temperature=0.7, seed=11, stream=True,
+        messages=[{"role": "user", "content": "Tell me a long story."}])
+    long_id = raw.headers["X-Request-Id"]
+    long_chunks = iter(raw.parse())
+    assert next(long_chunks).choices[0].delta.role == "assistant"
+    short_text, _ = _stream_text(client.chat.completions.create(**short_args, stream=True))
+    # The short stream ran start to finish while the worker was still generating the long one.
+    assert not _worker_finished(long_id)
+    rest = list(long_chunks)
+    assert short_text == expected_short
+    assert len([c for c in rest if c.choices and c.choices[0].delta.content]) > 50
+    assert rest[-1].choices[0].finish_reason in ("stop", "length")
