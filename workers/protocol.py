@@ -12,6 +12,8 @@ Entries carry two fields: ``t`` (the event type) and ``d`` (JSON).
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from typing import Any
 
 STREAM_TTL_SECONDS = 600
@@ -55,30 +57,90 @@ class RequestCancelled(Exception):
 
 
 class RequestStream:
-    """The worker's side of one request's stream (synchronous Redis client)."""
+    """The worker's side of one request's stream (synchronous Redis client).
+
+    Tokens are handed to a writer thread, so the token loop never waits on Redis: while the
+    model computes the next token, the writer appends what is pending in one pipelined round
+    trip and, in the same round trip, learns whether the client has left. Every event goes
+    through the same writer, so the order of events is the order of the calls.
+    """
+
+    _STOP = object()
 
     def __init__(self, redis, prefix: str, request_id: str) -> None:
         self._redis = redis
         self._key = stream_key(prefix, request_id)
         self._cancel_key = cancel_key(prefix, request_id)
         self.tokens_emitted = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._failure: BaseException | None = None
+        self._writer: threading.Thread | None = None
 
     def cancelled(self) -> bool:
-        return bool(self._redis.exists(self._cancel_key))
+        if not self._cancelled.is_set() and self._redis.exists(self._cancel_key):
+            self._cancelled.set()
+        return self._cancelled.is_set()
+
+    def emit_token(self, text: str) -> None:
+        """Queue one token; raises RequestCancelled once the writer has seen the client leave."""
+        self._raise_pending()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name=f"stream-{self._key}", daemon=True)
+            self._writer.start()
+        self._queue.put(encode(EVENT_TOKEN, {"text": text}))
+        self.tokens_emitted += 1
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
-        """Append one event, refreshing the stream's expiry."""
+        """Append one event after every token queued before it, and wait until it is written."""
+        self._drain()
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self._key, encode(event, data))
         pipe.expire(self._key, STREAM_TTL_SECONDS)
         pipe.execute()
 
-    def emit_token(self, text: str) -> None:
-        """Append one token and learn in the same round trip whether the client left."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._key, encode(EVENT_TOKEN, {"text": text}))
-        pipe.exists(self._cancel_key)
-        _, cancelled = pipe.execute()
-        self.tokens_emitted += 1
-        if cancelled:
+    def close(self) -> None:
+        """Stop the writer once it has written everything queued."""
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._writer is not None:
+            self._queue.put(self._STOP)
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _raise_pending(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if self._cancelled.is_set():
             raise RequestCancelled()
+
+    def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is self._STOP:
+                batch.pop()
+                stop = True
+            if not batch:
+                continue
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for fields in batch:
+                    pipe.xadd(self._key, fields)
+                pipe.expire(self._key, STREAM_TTL_SECONDS)
+                pipe.exists(self._cancel_key)
+                if pipe.execute()[-1]:
+                    self._cancelled.set()
+            except BaseException as exc:  # surfaced to the token loop on its next call
+                self._failure = exc
+                return

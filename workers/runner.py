@@ -111,3 +111,5 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
         logger.exception("request %s failed", request_id)
         stream.emit(protocol.EVENT_ERROR, InferenceError(f"the worker failed: {exc}", code="internal_error",
                                                          status=500, type="server_error").as_event())
+    finally:
+        stream.close()

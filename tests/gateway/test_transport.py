@@ -69,14 +69,25 @@ def test_a_reader_keeps_up_with_a_writer_in_another_thread():
     assert [d["text"] for e, d in events if e == protocol.EVENT_TOKEN] == pieces
 
 
-def test_the_worker_learns_of_a_cancel_on_its_next_token():
+def test_the_token_writer_learns_of_a_cancel_and_stops_the_token_loop():
     request_id = uuid.uuid4().hex
     writer = _stream(request_id)
     writer.emit_token("a")
+    writer.close()
     redis.Redis.from_url(settings.REDIS_URL).set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1)
-    assert writer.cancelled()
+    writer.emit_token("b")  # queued before the writer has looked: accepted
+    writer.close()  # the writer appends "b" and sees the cancel flag in the same round trip
     with pytest.raises(protocol.RequestCancelled):
-        writer.emit_token("b")
+        writer.emit_token("c")
+    texts = [protocol.decode(f)[1].get("text") for _, f in redis.Redis.from_url(settings.REDIS_URL).xrange(
+        protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))]
+    assert texts == ["a", "b"]
+
+
+def test_a_request_cancelled_before_it_starts_is_seen_at_once():
+    request_id = uuid.uuid4().hex
+    redis.Redis.from_url(settings.REDIS_URL).set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1)
+    assert _stream(request_id).cancelled()
 
 
 def test_a_node_that_stops_heartbeating_fails_the_request_at_once(settings):
