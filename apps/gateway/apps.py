@@ -6,3 +6,6 @@ class GatewayConfig(AppConfig):
     label = "gateway"
     verbose_name = "Gateway"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from apps.gateway import schema  # noqa: F401  (registers the OpenAPI auth scheme)

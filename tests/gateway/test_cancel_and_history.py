@@ -102,3 +102,22 @@ def test_a_refused_request_is_recorded_too(platform):
     devstack.wait_until(lambda: RequestLog.objects.filter(path=marker).exists(), timeout=10, what="refused row")
     row = RequestLog.objects.get(path=marker)
     assert (row.status, row.status_code, row.error_code, row.api_key) == ("failed", 401, "invalid_api_key", None)
+
+
+def test_a_client_that_gives_up_on_a_non_streamed_request_stops_it_too(platform, api_key, model_id):
+    marker = f"Story {uuid.uuid4().hex}:"
+    body = {"model": model_id, "prompt": marker, "max_tokens": 1500, "temperature": 1.0}
+    started = time.time()
+    try:
+        httpx.post(f"{platform.base_url}/v1/completions", json=body, timeout=1.5,
+                   headers={"Authorization": f"Bearer {api_key}"})
+    except httpx.ReadTimeout:
+        pass
+    else:
+        raise AssertionError("1500 tokens arrived within 1.5 s: the request was too short to abandon")
+    devstack.wait_until(lambda: RequestLog.objects.filter(request_body__prompt=marker).exists(), timeout=10,
+                        what="the abandoned request's row")
+    request_id = RequestLog.objects.get(request_body__prompt=marker).id.hex
+    cancelled = _cancelled_event(request_id)
+    assert cancelled["at"] - started < 1.5 + 1.0
+    assert _finished_row(request_id).status == RequestStatus.CANCELLED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 from datetime import timedelta
 
@@ -89,3 +90,9 @@ def test_the_prune_task_runs_on_the_real_worker(platform):
     task.delay()
     devstack.wait_until(lambda: not RequestLog.objects.filter(pk=old.pk).exists(), timeout=20,
                         what="the worker to prune old history")
+
+
+def test_the_openapi_schema_is_valid_and_complete():
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", stdout=io.StringIO())
