@@ -141,6 +141,8 @@ LLMP_HEARTBEAT_INTERVAL = env_float("LLMP_HEARTBEAT_INTERVAL", 5.0, minimum=0.5)
 LLMP_NODE_LIVE_SECONDS = env_float("LLMP_NODE_LIVE_SECONDS", 20.0, minimum=1.0)
 # How long the gateway waits for a worker to pick up a request before answering 503.
 LLMP_QUEUE_TIMEOUT = env_float("LLMP_QUEUE_TIMEOUT", 30.0, minimum=0.1)
+# Longest wait from pick-up to the first token: a free slot, loading the model, the prompt.
+LLMP_FIRST_TOKEN_TIMEOUT = env_float("LLMP_FIRST_TOKEN_TIMEOUT", 600.0, minimum=1.0)
 # Longest silence between two events of a running generation before the gateway gives up.
 LLMP_STREAM_IDLE_TIMEOUT = env_float("LLMP_STREAM_IDLE_TIMEOUT", 120.0, minimum=1.0)
 LLMP_REQUEST_LOG_RETENTION_DAYS = env_int("LLMP_REQUEST_LOG_RETENTION_DAYS", 7, minimum=1)

@@ -81,6 +81,8 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
                                  code="model_unavailable", status=503, type="server_error")
         key = ModelKey(model["id"], str(path), embedding=kind == KIND_EMBEDDING)
         with pool.lease(key) as llm:
+            if stream.cancelled():  # the client left while this request waited for the model
+                raise protocol.RequestCancelled()
             if kind == KIND_EMBEDDING:
                 result = _embedding_result(llm, params["input"], params.get("encoding_format", "float"))
                 stream.emit(protocol.EVENT_DONE, result)

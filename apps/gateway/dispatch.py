@@ -84,22 +84,25 @@ async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
 async def request_events(request_id: str, node_name: str) -> AsyncIterator[tuple[str, dict]]:
     """Every event of a request in order, from the first; raises OpenAIError on timeouts.
 
-    Waits up to LLMP_QUEUE_TIMEOUT for a worker to pick the request up, then up to
-    LLMP_STREAM_IDLE_TIMEOUT between two events. If the node stops heartbeating while the
-    request waits, it fails at once instead of waiting out the timeout.
+    Three waits, each with its own limit: for a worker to pick the request up
+    (LLMP_QUEUE_TIMEOUT), for its first output once picked up, which covers waiting for a
+    free slot, loading the model and reading the prompt (LLMP_FIRST_TOKEN_TIMEOUT), and
+    between two outputs after that (LLMP_STREAM_IDLE_TIMEOUT). If the node stops
+    heartbeating meanwhile, the request fails at once instead of waiting out the limit.
     """
     client = redis_client()
     key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
     last_id = "0-0"
-    started = False
-    deadline = time.monotonic() + settings.LLMP_QUEUE_TIMEOUT
+    phase, limit = "queued", settings.LLMP_QUEUE_TIMEOUT
+    deadline = time.monotonic() + limit
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            if not started:
-                raise no_worker(f"No worker picked the request up within {settings.LLMP_QUEUE_TIMEOUT:g}s.")
-            raise OpenAIError(503, f"The worker went silent for {settings.LLMP_STREAM_IDLE_TIMEOUT:g}s.",
-                              code="worker_timeout", type="server_error")
+            if phase == "queued":
+                raise no_worker(f"No worker picked the request up within {limit:g}s; node {node_name} "
+                                "may be overloaded.")
+            raise OpenAIError(503, f"Node {node_name} produced nothing for {limit:g}s.", code="worker_timeout",
+                              type="server_error")
         block_ms = max(1, int(min(remaining, XREAD_BLOCK_SECONDS) * 1000))
         reply = await client.xread({key: last_id}, block=block_ms, count=512)
         if not reply:
@@ -111,6 +114,8 @@ async def request_events(request_id: str, node_name: str) -> AsyncIterator[tuple
             last_id = entry_id
             event, data = protocol.decode(fields)
             if event == protocol.EVENT_START:
-                started = True
+                phase, limit = "started", settings.LLMP_FIRST_TOKEN_TIMEOUT
+            else:
+                phase, limit = "streaming", settings.LLMP_STREAM_IDLE_TIMEOUT
             yield event, data
-        deadline = time.monotonic() + settings.LLMP_STREAM_IDLE_TIMEOUT
+        deadline = time.monotonic() + limit

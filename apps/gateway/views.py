@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from redis.exceptions import RedisError
 
 from apps.gateway import validation
 from apps.gateway.dispatch import node_pick, request_events, request_release, request_send, spawn
@@ -123,6 +124,12 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
     except asyncio.CancelledError:  # the client went away
         record.close(status=RequestStatus.CANCELLED, status_code=499)
         raise
+    except RedisError as exc:
+        logger.error("%s %s: Redis failed: %s", request.method, request.path, exc)
+        error = OpenAIError(503, "The platform's message broker (Redis) is unavailable.",
+                            code="broker_unavailable", type="server_error")
+        record.fail(error)
+        return error.response()
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
         error = OpenAIError(500, "The server failed while handling the request.", code="internal_error",

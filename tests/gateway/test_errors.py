@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
@@ -85,29 +88,45 @@ def test_the_wrong_method_is_a_405(http):
     assert _error(response)["code"] == "method_not_allowed"
 
 
-@pytest.fixture(scope="module")
-def bare_platform(tmp_path_factory):
-    """A gateway with its own empty database and no worker at all."""
-    root = tmp_path_factory.mktemp("bare")
+def _lone_gateway(root, setup: str = "", **env_overrides) -> tuple[str, str, devstack.Process]:
+    """A gateway with its own fresh database, a key and the bundled model, and no worker process."""
     env = devstack.child_env(DATABASE_URL=f"sqlite:///{root / 'bare.sqlite3'}", LLMP_DATA_DIR=str(root),
-                             LLMP_QUEUE_TIMEOUT="2")
-    import subprocess
-    import sys
-
+                             **env_overrides)
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=devstack.ROOT, env=env, check=True)
     made = subprocess.run([sys.executable, "manage.py", "create_api_key", "--name", "bare"], cwd=devstack.ROOT,
                           env=env, check=True, capture_output=True, text=True)
     key = made.stdout.strip().splitlines()[-1]
     subprocess.run([sys.executable, "-c", "import django; django.setup(); "
-                    "from apps.models.services import model_register_bundled as r; r()"],
+                    "from apps.models.services import model_register_bundled as r; r(); " + setup],
                    cwd=devstack.ROOT, env=dict(env, DJANGO_SETTINGS_MODULE="llmplatform.settings"), check=True)
     port = devstack.free_port()
     server = devstack.start_server(port, env=env, log_dir=root)
     base_url = f"http://127.0.0.1:{port}"
     devstack.wait_until(lambda: httpx.get(f"{base_url}/health").status_code == 200, timeout=30,
                         what="bare gateway", processes=(server,))
+    return base_url, key, server
+
+
+@pytest.fixture(scope="module")
+def bare_platform(tmp_path_factory):
+    base_url, key, server = _lone_gateway(tmp_path_factory.mktemp("bare"))
     yield base_url, key
     server.stop()
+
+
+def test_a_gateway_whose_redis_is_down_answers_503_broker_unavailable(tmp_path, model_id):
+    node = ("from apps.nodes.services import node_register as n; "
+            "n(name='ghost', hostname='h', gpu_index=None, hardware={})")
+    base_url, key, server = _lone_gateway(tmp_path, node, REDIS_URL=f"redis://127.0.0.1:{devstack.free_port()}/0")
+    try:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.completions.create(model=model_id, prompt="hi")
+        assert caught.value.status_code == 503 and caught.value.code == "broker_unavailable"
+        ready = httpx.get(f"{base_url}/health/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"]["ok"] is False
+    finally:
+        server.stop()
 
 
 def test_no_live_worker_is_a_clear_503(bare_platform, model_id):
