@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+
 import openai
 import pytest
 
