@@ -26,10 +26,14 @@ class NodeLifecycle(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         from apps.models.services import model_register_bundled
         from apps.nodes.services import node_register
+        from workers.bundled import BundledModelMissing
         from workers.hardware import hardware_snapshot
         from workers.node import gpu_index, node_name
 
-        model_register_bundled()
+        try:
+            model_register_bundled()
+        except BundledModelMissing as exc:  # a node can serve other models without it
+            logger.warning("%s", exc)
         node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(),
                              hardware=hardware_snapshot())
         logger.info("node %s registered, consuming queue %s", node.name, node.queue)

@@ -50,6 +50,14 @@ def _body(request: HttpRequest) -> bytes:
                           code="request_too_large") from None
 
 
+def _failed(record: RequestRecord, error: OpenAIError) -> JsonResponse:
+    """Record the failure and answer it; the X-Request-Id finds the history row."""
+    record.fail(error)
+    response = error.response()
+    response["X-Request-Id"] = record.id.hex
+    return response
+
+
 def _method_not_allowed(allowed: str) -> OpenAIError:
     return OpenAIError(405, f"Method not allowed; use {allowed}.", code="method_not_allowed")
 
@@ -119,23 +127,18 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
         response["X-Request-Id"] = generation.request_id
         return response
     except OpenAIError as error:
-        record.fail(error)
-        return error.response()
+        return _failed(record, error)
     except asyncio.CancelledError:  # the client went away
         record.close(status=RequestStatus.CANCELLED, status_code=499)
         raise
     except RedisError as exc:
         logger.error("%s %s: Redis failed: %s", request.method, request.path, exc)
-        error = OpenAIError(503, "The platform's message broker (Redis) is unavailable.",
-                            code="broker_unavailable", type="server_error")
-        record.fail(error)
-        return error.response()
+        return _failed(record, OpenAIError(503, "The platform's message broker (Redis) is unavailable.",
+                                           code="broker_unavailable", type="server_error"))
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
-        error = OpenAIError(500, "The server failed while handling the request.", code="internal_error",
-                            type="server_error")
-        record.fail(error)
-        return error.response()
+        return _failed(record, OpenAIError(500, "The server failed while handling the request.",
+                                           code="internal_error", type="server_error"))
     finally:
         if generation is not None:
             generation.release()
@@ -262,10 +265,11 @@ async def _serve_read(request: HttpRequest, produce) -> HttpResponse:
         await _authenticate(request, record)
         body = await produce()
     except OpenAIError as error:
-        record.fail(error)
-        return error.response()
+        return _failed(record, error)
     record.close(status=RequestStatus.SUCCEEDED, status_code=200, response_body=body)
-    return JsonResponse(body)
+    response = JsonResponse(body)
+    response["X-Request-Id"] = record.id.hex
+    return response
 
 
 async def models_list(request: HttpRequest) -> HttpResponse:

@@ -97,11 +97,19 @@ def test_a_streamed_request_is_recorded_with_its_text(http, model_id):
 
 
 def test_a_refused_request_is_recorded_too(platform):
-    marker = f"/v1/models/refused-{uuid.uuid4().hex}"
-    assert httpx.get(platform.base_url + marker).status_code == 401
-    devstack.wait_until(lambda: RequestLog.objects.filter(path=marker).exists(), timeout=10, what="refused row")
-    row = RequestLog.objects.get(path=marker)
+    refused = httpx.get(platform.base_url + "/v1/models")
+    assert refused.status_code == 401
+    row = _finished_row(refused.headers["X-Request-Id"])
     assert (row.status, row.status_code, row.error_code, row.api_key) == ("failed", 401, "invalid_api_key", None)
+    assert row.response_body == refused.json()
+
+
+def test_a_request_the_worker_refuses_is_recorded_with_its_error(http, model_id):
+    response = http.post("/v1/completions", json={"model": model_id, "prompt": "word " * 5000})
+    assert response.status_code == 400
+    row = _finished_row(response.headers["X-Request-Id"])
+    assert (row.status, row.status_code, row.error_code) == ("failed", 400, "context_length_exceeded")
+    assert row.node and row.model == model_id
 
 
 def test_a_client_that_gives_up_on_a_non_streamed_request_stops_it_too(platform, api_key, model_id):
