@@ -123,3 +123,15 @@ def model_id() -> str:
     from django.conf import settings
 
     return settings.LLMP_DEFAULT_MODEL_ID
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the platform processes' recent logs to a failing test's report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "platform" in getattr(item, "fixturenames", ()):
+        platform = item.funcargs.get("platform")
+        if platform is not None:
+            for process in (platform.server, platform.worker):
+                report.sections.append((f"{process.name} log (tail)", process.log()[-6000:]))

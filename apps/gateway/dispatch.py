@@ -72,13 +72,19 @@ async def request_send(*, request_id: str, kind: str, model: RegisteredModel, pa
 
 async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
     """The gateway is done with a request: free the node's slot, and stop the worker if asked."""
-    client = redis_client()
-    pipe = client.pipeline(transaction=False)
-    pipe.decr(_inflight_key(node.name))
     if cancel:
-        pipe.set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1, ex=protocol.STREAM_TTL_SECONDS)
-    pipe.delete(protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))
-    await pipe.execute()
+        logger.info("request %s ended before its answer was complete; cancelling it on %s", request_id, node.name)
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        pipe.decr(_inflight_key(node.name))
+        if cancel:
+            pipe.set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1,
+                     ex=protocol.STREAM_TTL_SECONDS)
+        pipe.delete(protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))
+        await pipe.execute()
+    except Exception:
+        logger.exception("could not release request %s on %s", request_id, node.name)
+        raise
 
 
 async def request_events(request_id: str, node_name: str) -> AsyncIterator[tuple[str, dict]]:
