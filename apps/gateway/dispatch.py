@@ -75,7 +75,9 @@ async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
     if cancel:
         logger.info("request %s ended before its answer was complete; cancelling it on %s", request_id, node.name)
     try:
-        pipe = redis_client().pipeline(transaction=False)
+        # One transaction, so the worker cannot see the cancel flag before the stream is gone
+        # and its "cancelled" record lands in a fresh stream instead of being deleted with it.
+        pipe = redis_client().pipeline(transaction=True)
         pipe.decr(_inflight_key(node.name))
         if cancel:
             pipe.set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1,
