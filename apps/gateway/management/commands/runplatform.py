@@ -12,7 +12,6 @@ from urllib.parse import urlparse
 
 import redis
 from django.conf import settings
-from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.models.services import model_register_bundled
@@ -41,7 +40,6 @@ class Command(BaseCommand):
             children.append(redis_process)
         model_register_bundled()
         python = sys.executable
-        call_command("collectstatic", "--noinput", verbosity=0)
         children.append(subprocess.Popen([python, "-m", "workers", "--node", node, "--beat"]))
         children.append(subprocess.Popen([python, "-m", "uvicorn", "llmplatform.asgi:application", "--host", host,
                                           "--port", str(port), "--no-access-log"]))
