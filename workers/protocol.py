@@ -91,13 +91,19 @@ class RequestStream:
         self._queue.put(encode(EVENT_TOKEN, {"text": text}))
         self.tokens_emitted += 1
 
-    def emit(self, event: str, data: dict[str, Any]) -> None:
-        """Append one event after every token queued before it, and wait until it is written."""
+    def emit(self, event: str, data: dict[str, Any]) -> bool:
+        """Append one event after every token queued before it, and wait until it is written.
+
+        Returns whether the client had left by then (learned in the same round trip).
+        """
         self._drain()
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self._key, encode(event, data))
         pipe.expire(self._key, STREAM_TTL_SECONDS)
-        pipe.execute()
+        pipe.exists(self._cancel_key)
+        if pipe.execute()[-1]:
+            self._cancelled.set()
+        return self._cancelled.is_set()
 
     def close(self) -> None:
         """Stop the writer once it has written everything queued."""

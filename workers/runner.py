@@ -70,18 +70,20 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
                 redis, pool: ModelPool) -> None:
     """Serve one request; every outcome, failure included, ends the stream with one final event."""
     stream = protocol.RequestStream(redis, config.redis_prefix, request_id)
-    if stream.cancelled():
+    if stream.emit(protocol.EVENT_START, {"node": config.name}):
         logger.info("request %s was cancelled before it started", request_id)
+        stream.emit(protocol.EVENT_CANCELLED, {"tokens_emitted": 0, "at": time.time()})
         return
-    stream.emit(protocol.EVENT_START, {"node": config.name})
     try:
         path = model_path(model, config.models_dir)
         if not path.is_file():
             raise InferenceError(f"model {model['id']} is not on node {config.name} ({path})",
                                  code="model_unavailable", status=503, type="server_error")
         key = ModelKey(model["id"], str(path), embedding=kind == KIND_EMBEDDING)
+        leasing_started = time.monotonic()
         with pool.lease(key) as llm:
-            if stream.cancelled():  # the client left while this request waited for the model
+            # A client may leave while its request waits for a slot or a model load.
+            if time.monotonic() - leasing_started > 0.05 and stream.cancelled():
                 raise protocol.RequestCancelled()
             if kind == KIND_EMBEDDING:
                 result = _embedding_result(llm, params["input"], params.get("encoding_format", "float"))
