@@ -14,7 +14,7 @@ import psutil
 import redis
 from django.conf import settings
 
-from workers.pool import ModelKey, ModelPool
+from workers.pool import ModelPool
 from workers.runner import NodeConfig, load_llama
 
 
@@ -66,4 +66,4 @@ def loaded_model_ids() -> list[str]:
     return sorted({key.model_id for key in node_pool().loaded()})
 
 
-__all__ = ["ModelKey", "node_config", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]
+__all__ = ["node_config", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]

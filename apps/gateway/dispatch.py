@@ -50,24 +50,43 @@ def spawn(coro) -> asyncio.Task:
 
 
 def _inflight_key(node_name: str) -> str:
+    """A sorted set of the node's requests in flight, scored by dispatch time.
+
+    A set rather than a counter, so that a request whose release never ran (a gateway that
+    died mid-request) stops counting once it is older than any request can wait.
+    """
     return f"{settings.LLMP_REDIS_PREFIX}:node:{node_name}:inflight"
 
 
+def _inflight_horizon() -> float:
+    return time.time() - settings.LLMP_QUEUE_TIMEOUT - settings.LLMP_FIRST_TOKEN_TIMEOUT
+
+
 async def node_pick(model: RegisteredModel) -> Node:
-    """The live node to serve ``model``: one holding it loaded first, then the least busy."""
+    """The live node to serve ``model``."""
     nodes = [node async for node in node_list_live()]
     if not nodes:
         raise no_worker(f"No live worker node can serve '{model.id}' right now; start one with "
                         "'python -m workers --node NAME'.")
-    counts = await redis_client().mget([_inflight_key(node.name) for node in nodes])
-    busy = {node.name: int(count or 0) for node, count in zip(nodes, counts)}
+    return await node_choose(model, nodes)
+
+
+async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Node:
+    """Of ``nodes``, one holding ``model`` loaded first, then the one with fewest requests in flight."""
+    pipe = redis_client().pipeline(transaction=False)
+    for node in nodes:
+        pipe.zcount(_inflight_key(node.name), _inflight_horizon(), "+inf")
+    busy = {node.name: count for node, count in zip(nodes, await pipe.execute())}
     return min(nodes, key=lambda node: (model.id not in node.loaded_models, busy[node.name], node.name))
 
 
 async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> None:
     send = partial(celery_app.send_task, INFERENCE_TASK, queue=node.queue,
                    kwargs={"request_id": request_id, "kind": kind, "model": model.worker_spec(), "params": params})
-    await asyncio.gather(asyncio.to_thread(send), redis_client().incr(_inflight_key(node.name)))
+    track = redis_client().pipeline(transaction=False)
+    track.zadd(_inflight_key(node.name), {request_id: time.time()})
+    track.zremrangebyscore(_inflight_key(node.name), "-inf", _inflight_horizon())
+    await asyncio.gather(asyncio.to_thread(send), track.execute())
 
 
 async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
@@ -78,7 +97,7 @@ async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
         # One transaction, so the worker cannot see the cancel flag before the stream is gone
         # and its "cancelled" record lands in a fresh stream instead of being deleted with it.
         pipe = redis_client().pipeline(transaction=True)
-        pipe.decr(_inflight_key(node.name))
+        pipe.zrem(_inflight_key(node.name), request_id)
         if cancel:
             pipe.set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1,
                      ex=protocol.STREAM_TTL_SECONDS)
