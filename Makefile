@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: run test test-sqlite test-postgres bench install clean
+.PHONY: run test lint test-sqlite test-postgres bench install clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -28,7 +28,10 @@ run: $(STAMP)
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py runplatform
 
-test: test-sqlite test-postgres
+test: lint test-sqlite test-postgres
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --select E,F,I,W apps workers llmplatform tests bench
 
 test-sqlite: $(STAMP)
 	$(PY) -m pytest
