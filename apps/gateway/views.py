@@ -54,7 +54,7 @@ def _failed(record: RequestRecord, error: OpenAIError) -> JsonResponse:
     """Record the failure and answer it; the X-Request-Id finds the history row."""
     record.fail(error)
     response = error.response()
-    response["X-Request-Id"] = record.id.hex
+    response["X-Request-Id"] = str(record.id)
     return response
 
 
@@ -119,12 +119,12 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
             response = StreamingHttpResponse(_sse(generation, first), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
-            response["X-Request-Id"] = generation.request_id
+            response["X-Request-Id"] = str(generation.record.id)
             generation = None  # the stream owns it from here
             return response
         body = await _collect(generation, first)
         response = JsonResponse(body)
-        response["X-Request-Id"] = generation.request_id
+        response["X-Request-Id"] = str(generation.record.id)
         return response
     except OpenAIError as error:
         return _failed(record, error)
@@ -268,7 +268,7 @@ async def _serve_read(request: HttpRequest, produce) -> HttpResponse:
         return _failed(record, error)
     record.close(status=RequestStatus.SUCCEEDED, status_code=200, response_body=body)
     response = JsonResponse(body)
-    response["X-Request-Id"] = record.id.hex
+    response["X-Request-Id"] = str(record.id)
     return response
 
 

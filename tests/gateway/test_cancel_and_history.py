@@ -30,7 +30,7 @@ def _finished_row(request_id: str, timeout: float = 15) -> RequestLog:
 
 def _cancelled_event(request_id: str, timeout: float = 10) -> dict:
     client = redis.Redis.from_url(settings.REDIS_URL)
-    key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
+    key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, uuid.UUID(request_id).hex)
     last = "0-0"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import uuid
 
 import openai
 import pytest
@@ -126,7 +127,7 @@ def _worker_finished(request_id: str) -> bool:
     from workers import protocol
 
     entries = redis.Redis.from_url(settings.REDIS_URL).xrange(
-        protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))
+        protocol.stream_key(settings.LLMP_REDIS_PREFIX, uuid.UUID(request_id).hex))
     return any(protocol.decode(fields)[0] == protocol.EVENT_DONE for _, fields in entries)
 
 
