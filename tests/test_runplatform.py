@@ -34,7 +34,7 @@ def test_runplatform_starts_redis_a_worker_and_the_server_and_ctrl_c_stops_them(
         assert _port_open(redis_port), "runplatform should have started its own redis-server"
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
         text = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-            model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True)
+            model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True)
             if chunk.choices)
         assert text
         log = run.log()

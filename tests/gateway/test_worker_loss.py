@@ -26,7 +26,7 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_worker_lost(tmp_path, m
     base_url = f"http://127.0.0.1:{port}"
     try:
         devstack.wait_ready(base_url, nodes={"doomed"}, timeout=90, processes=(worker, server))
-        body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": 3000, "stream": True}
+        body = {"model": model_id, "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {key}"}) as response:
             lines = response.iter_lines()

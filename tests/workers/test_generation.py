@@ -83,5 +83,6 @@ def test_an_exception_from_emit_stops_generation(llm):
             raise Stop
 
     with pytest.raises(Stop):
-        generate(llm, completion_prompt_tokens(llm, "Tell me a story"), SamplingParams(max_tokens=200), emit)
+        generate(llm, completion_prompt_tokens(llm, "Once upon a time"), SamplingParams(max_tokens=200, temperature=0.0),
+                 emit)
     assert len(seen) == 3
