@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 
 from workers import protocol
-from workers.bundled import bundled_model_path
+from workers.bundled import BundledModelMissing, bundled_model_path
 from workers.generation import InferenceError, SamplingParams, generate
 from workers.pool import ModelKey, ModelPool, PoolExhausted
 from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
@@ -35,7 +35,10 @@ class NodeConfig:
 def model_path(model: dict, models_dir: Path) -> Path:
     """Where this node keeps the file of a registered model."""
     if model["source"] == "bundled":
-        return bundled_model_path()
+        try:
+            return bundled_model_path()
+        except BundledModelMissing as exc:
+            raise InferenceError(str(exc), code="model_unavailable", status=503, type="server_error") from exc
     return models_dir / model["file_name"]
 
 
@@ -77,8 +80,9 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
     try:
         path = model_path(model, config.models_dir)
         if not path.is_file():
-            raise InferenceError(f"model {model['id']} is not on node {config.name} ({path})",
-                                 code="model_unavailable", status=503, type="server_error")
+            logger.error("model %s: %s does not exist on this node", model["id"], path)
+            raise InferenceError(f"model {model['id']} is not available on node {config.name}: its file "
+                                 f"{path.name} is missing", code="model_unavailable", status=503, type="server_error")
         key = ModelKey(model["id"], str(path), embedding=kind == KIND_EMBEDDING)
         leasing_started = time.monotonic()
         with pool.lease(key) as llm:

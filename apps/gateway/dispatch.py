@@ -55,7 +55,7 @@ def _inflight_key(node_name: str) -> str:
     A set rather than a counter, so that a request whose release never ran (a gateway that
     died mid-request) stops counting once it is older than any request can wait.
     """
-    return f"{settings.LLMP_REDIS_PREFIX}:node:{node_name}:inflight"
+    return f"{settings.LLMP_REDIS_PREFIX}:node:{node_name}:requests"
 
 
 def _inflight_horizon() -> float:

@@ -168,3 +168,17 @@ def test_an_oversized_body_is_a_413(http, model_id):
     response = http.post("/v1/completions", json={"model": model_id, "prompt": content})
     assert response.status_code == 413
     assert _error(response)["code"] == "request_too_large"
+
+
+def test_a_model_whose_file_the_node_lacks_is_a_503_model_unavailable(client):
+    import uuid
+
+    from apps.models.models import RegisteredModel
+
+    model = RegisteredModel.objects.create(id=f"missing-{uuid.uuid4().hex[:8]}", source="upload",
+                                           file_name="not-here.gguf")
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 503
+    assert caught.value.code == "model_unavailable"
+    assert "not-here.gguf" in caught.value.message
