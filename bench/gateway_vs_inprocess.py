@@ -107,15 +107,9 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)
     _, key = api_key_create(name="bench")
-    log_dir = Path(_DATA) / "logs"
-    env = devstack.child_env()
-    port = devstack.free_port()
-    worker = devstack.start_worker("bench", env=env, log_dir=log_dir)
-    server = devstack.start_server(port, env=env, log_dir=log_dir)
-    base_url = f"http://127.0.0.1:{port}"
+    stack = devstack.stack_start("bench", env=devstack.child_env(), log_dir=Path(_DATA) / "logs")
     try:
-        devstack.wait_ready(base_url, nodes={"bench"}, timeout=90, processes=(worker, server))
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
         llm = llama_cpp.Llama(model_path=str(bundled_model_path()), n_ctx=settings.LLMP_N_CTX, n_gpu_layers=0,
                               verbose=False)
         model = settings.LLMP_DEFAULT_MODEL_ID
@@ -172,8 +166,7 @@ def main() -> None:
                          indent=2))
         print(f"saved {args.out}")
     finally:
-        server.stop()
-        worker.stop()
+        stack.stop()
 
 
 if __name__ == "__main__":

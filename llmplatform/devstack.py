@@ -100,3 +100,39 @@ def child_env(**overrides: str) -> dict[str, str]:
     env.update(overrides)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def database_prepare(*, env: dict[str, str], key_name: str) -> str:
+    """Migrate the database ``env`` points at (a fresh process, as an operator would) and return
+    a new API key for it, made by ``create_api_key``."""
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    made = subprocess.run([sys.executable, "manage.py", "create_api_key", "--name", key_name], cwd=ROOT, env=env,
+                          check=True, capture_output=True, text=True)
+    return made.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Stack:
+    """One worker node and the ASGI server in front of it."""
+
+    base_url: str
+    node: str
+    worker: Process
+    server: Process
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.worker.stop()
+
+
+def stack_start(node: str, *, env: dict[str, str], log_dir: Path, timeout: float = 90) -> Stack:
+    """Start a worker and a server and wait until the server is ready with that node live."""
+    port = free_port()
+    stack = Stack(f"http://127.0.0.1:{port}", node, start_worker(node, env=env, log_dir=log_dir),
+                  start_server(port, env=env, log_dir=log_dir))
+    try:
+        wait_ready(stack.base_url, nodes={node}, timeout=timeout, processes=(stack.worker, stack.server))
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

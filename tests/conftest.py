@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -67,30 +66,13 @@ def _database(django_db_setup, django_db_blocker):
         yield
 
 
-@dataclass
-class Platform:
-    base_url: str
-    node: str
-    worker: devstack.Process
-    server: devstack.Process
-
-
 @pytest.fixture(scope="session")
-def platform(django_db_setup, tmp_path_factory) -> Platform:
+def platform(django_db_setup, tmp_path_factory) -> devstack.Stack:
     """One worker node and the ASGI server, as separate processes, ready to serve."""
-    log_dir = Path(tmp_path_factory.mktemp("logs"))
-    env = devstack.child_env()
-    node = f"test-{_RUN}"
-    port = devstack.free_port()
-    worker = devstack.start_worker(node, env=env, log_dir=log_dir)
-    server = devstack.start_server(port, env=env, log_dir=log_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        devstack.wait_ready(base_url, nodes={node}, timeout=90, processes=(worker, server))
-        yield Platform(base_url, node, worker, server)
-    finally:
-        server.stop()
-        worker.stop()
+    stack = devstack.stack_start(f"test-{_RUN}", env=devstack.child_env(),
+                                 log_dir=Path(tmp_path_factory.mktemp("logs")))
+    yield stack
+    stack.stop()
 
 
 @pytest.fixture(scope="session")

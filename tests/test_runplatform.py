@@ -24,9 +24,7 @@ def test_runplatform_starts_redis_a_worker_and_the_server_and_ctrl_c_stops_them(
     env = devstack.child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'run.sqlite3'}", LLMP_DATA_DIR=str(tmp_path),
                              REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", PORT=str(http_port),
                              LLMP_NODE_NAME="run-node")
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=devstack.ROOT, env=env, check=True)
-    key = subprocess.run([sys.executable, "manage.py", "create_api_key", "--name", "run"], cwd=devstack.ROOT, env=env,
-                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    key = devstack.database_prepare(env=env, key_name="run")
     run = devstack.start("runplatform", ["manage.py", "runplatform"], env=env, log_dir=tmp_path)
     base_url = f"http://127.0.0.1:{http_port}"
     try:

@@ -92,10 +92,7 @@ def _lone_gateway(root, setup: str = "", **env_overrides) -> tuple[str, str, dev
     """A gateway with its own fresh database, a key and the bundled model, and no worker process."""
     env = devstack.child_env(DATABASE_URL=f"sqlite:///{root / 'bare.sqlite3'}", LLMP_DATA_DIR=str(root),
                              **env_overrides)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=devstack.ROOT, env=env, check=True)
-    made = subprocess.run([sys.executable, "manage.py", "create_api_key", "--name", "bare"], cwd=devstack.ROOT,
-                          env=env, check=True, capture_output=True, text=True)
-    key = made.stdout.strip().splitlines()[-1]
+    key = devstack.database_prepare(env=env, key_name="bare")
     subprocess.run([sys.executable, "-c", "import django; django.setup(); "
                     "from apps.models.services import model_register_bundled as r; r(); " + setup],
                    cwd=devstack.ROOT, env=dict(env, DJANGO_SETTINGS_MODULE="llmplatform.settings"), check=True)
