@@ -10,6 +10,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import openai
+import psutil
 
 from llmplatform import devstack
 
@@ -56,3 +57,22 @@ def test_runplatform_without_redis_explains_how_to_install_it(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "apt-get install -y redis-server" in result.stderr
+
+
+def test_runplatform_stops_everything_when_one_of_its_processes_dies(tmp_path):
+    redis_port, http_port = devstack.free_port(), devstack.free_port()
+    env = devstack.child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'run.sqlite3'}", LLMP_DATA_DIR=str(tmp_path),
+                             REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", PORT=str(http_port),
+                             LLMP_NODE_NAME="dying-node")
+    devstack.database_prepare(env=env, key_name="run")
+    run = devstack.start("runplatform", ["manage.py", "runplatform"], env=env, log_dir=tmp_path)
+    base_url = f"http://127.0.0.1:{http_port}"
+    try:
+        devstack.wait_ready(base_url, nodes={"dying-node"}, timeout=90, processes=(run,))
+        server_pid = next(p.pid for p in psutil.Process(run.popen.pid).children() if "uvicorn" in " ".join(p.cmdline()))
+        psutil.Process(server_pid).kill()
+        assert run.popen.wait(timeout=30) != 0
+        assert "stopped unexpectedly" in run.log()
+        assert not _port_open(redis_port)
+    finally:
+        run.stop()

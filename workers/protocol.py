@@ -82,6 +82,16 @@ class RequestStream:
             self._cancelled.set()
         return self._cancelled.is_set()
 
+    def _append(self, entries: list[dict[str, str]]) -> None:
+        """Append entries, refresh the expiry and look for the cancel flag: one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for fields in entries:
+            pipe.xadd(self._key, fields)
+        pipe.expire(self._key, STREAM_TTL_SECONDS)
+        pipe.exists(self._cancel_key)
+        if pipe.execute()[-1]:
+            self._cancelled.set()
+
     def emit_token(self, text: str) -> None:
         """Queue one token; raises RequestCancelled once the writer has seen the client leave."""
         self._raise_pending()
@@ -97,12 +107,7 @@ class RequestStream:
         Returns whether the client had left by then (learned in the same round trip).
         """
         self._drain()
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._key, encode(event, data))
-        pipe.expire(self._key, STREAM_TTL_SECONDS)
-        pipe.exists(self._cancel_key)
-        if pipe.execute()[-1]:
-            self._cancelled.set()
+        self._append([encode(event, data)])
         return self._cancelled.is_set()
 
     def close(self) -> None:
@@ -114,14 +119,15 @@ class RequestStream:
             self._queue.put(self._STOP)
             self._writer.join()
             self._writer = None
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
 
     def _raise_pending(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
+        self._raise_failure()
         if self._cancelled.is_set():
             raise RequestCancelled()
 
@@ -140,13 +146,7 @@ class RequestStream:
             if not batch:
                 continue
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for fields in batch:
-                    pipe.xadd(self._key, fields)
-                pipe.expire(self._key, STREAM_TTL_SECONDS)
-                pipe.exists(self._cancel_key)
-                if pipe.execute()[-1]:
-                    self._cancelled.set()
+                self._append(batch)
             except BaseException as exc:  # surfaced to the token loop on its next call
                 self._failure = exc
                 return

@@ -73,6 +73,14 @@ class _Generation:
         self.events: AsyncIterator | None = None
         self.finished = False
 
+    @property
+    def chat(self) -> bool:
+        return self.valid.kind == protocol.KIND_CHAT
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
+
     async def start(self) -> None:
         self.node = await node_pick(self.model)
         self.record.open(model=self.model.id, node=self.node.name, stream=self.valid.stream,
@@ -145,10 +153,9 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
 
 
 def _chunk(generation: _Generation, choice: dict | None, usage: dict | None = None) -> bytes:
-    chat = generation.valid.kind == protocol.KIND_CHAT
     payload = {
-        "id": ("chatcmpl-" if chat else "cmpl-") + generation.request_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
+        "id": generation.response_id,
+        "object": "chat.completion.chunk" if generation.chat else "text_completion",
         "created": generation.created,
         "model": generation.model.id,
         "system_fingerprint": None,
@@ -160,7 +167,7 @@ def _chunk(generation: _Generation, choice: dict | None, usage: dict | None = No
 
 
 def _choice(generation: _Generation, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
-    if generation.valid.kind != protocol.KIND_CHAT:
+    if not generation.chat:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
     delta = {}
     if role:
@@ -175,7 +182,7 @@ async def _sse(generation: _Generation, first: tuple[str, dict]) -> AsyncIterato
     record = generation.record
     parts: list[str] = []
     try:
-        if generation.valid.kind == protocol.KIND_CHAT:
+        if generation.chat:
             yield _chunk(generation, _choice(generation, "", None, role=True))
         event, data = first
         while True:
@@ -184,7 +191,7 @@ async def _sse(generation: _Generation, first: tuple[str, dict]) -> AsyncIterato
                 yield _chunk(generation, _choice(generation, data["text"], None))
             elif event == protocol.EVENT_DONE:
                 generation.finished = True
-                yield _chunk(generation, _choice(generation, None if generation.valid.kind == protocol.KIND_CHAT
+                yield _chunk(generation, _choice(generation, None if generation.chat
                                                  else "", data["finish_reason"]))
                 if generation.valid.include_usage:
                     yield _chunk(generation, None, data["usage"])
@@ -221,14 +228,14 @@ async def _collect(generation: _Generation, first: tuple[str, dict]) -> dict:
         logged = {"object": "list", "count": len(data["data"]), "usage": usage}
     else:
         text = "".join(parts)
-        if valid.kind == protocol.KIND_CHAT:
+        if generation.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": None, "finish_reason": data["finish_reason"]}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": data["finish_reason"]}
         body = {
-            "id": ("chatcmpl-" if valid.kind == protocol.KIND_CHAT else "cmpl-") + generation.request_id,
-            "object": "chat.completion" if valid.kind == protocol.KIND_CHAT else "text_completion",
+            "id": generation.response_id,
+            "object": "chat.completion" if generation.chat else "text_completion",
             "created": generation.created, "model": generation.model.id, "system_fingerprint": None,
             "choices": [choice], "usage": usage,
         }

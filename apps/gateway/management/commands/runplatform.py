@@ -50,16 +50,15 @@ class Command(BaseCommand):
         self.stdout.write(f"  Management API:  {base}/api/v1/   docs: {base}/api/docs/")
         self.stdout.write("  Create a key:    .venv/bin/python manage.py create_api_key --name me")
         self.stdout.write("Press Ctrl-C to stop everything.\n")
-        stop = {"signal": False}
-
-        def on_signal(signum, frame):
-            stop["signal"] = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        # Sleep until Ctrl-C, a TERM, or one of the children exiting (SIGCHLD), whichever comes first.
+        watched = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        stopped_by_signal = False
         try:
-            while not stop["signal"] and all(child.poll() is None for child in children):
-                time.sleep(0.2)
+            while all(child.poll() is None for child in children):
+                if signal.sigwait(watched) != signal.SIGCHLD:
+                    stopped_by_signal = True
+                    break
         finally:
             for child in reversed(children):
                 if child.poll() is None:
@@ -69,8 +68,11 @@ class Command(BaseCommand):
                     child.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     child.kill()
+            # A second Ctrl-C pressed while the children stopped is not an error.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
         failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-        if failed and not stop["signal"]:
+        if failed and not stopped_by_signal:
             raise CommandError(f"a process stopped unexpectedly (exit {failed[0].returncode}); see its output above")
 
     def _ensure_redis(self) -> subprocess.Popen | None:
