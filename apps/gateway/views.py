@@ -191,8 +191,8 @@ async def _sse(generation: _Generation, first: tuple[str, dict]) -> AsyncIterato
                 yield _chunk(generation, _choice(generation, data["text"], None))
             elif event == protocol.EVENT_DONE:
                 generation.finished = True
-                yield _chunk(generation, _choice(generation, None if generation.chat
-                                                 else "", data["finish_reason"]))
+                closing_text = None if generation.chat else ""
+                yield _chunk(generation, _choice(generation, closing_text, data["finish_reason"]))
                 if generation.valid.include_usage:
                     yield _chunk(generation, None, data["usage"])
                 yield b"data: [DONE]\n\n"
