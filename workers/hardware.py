@@ -1,46 +1,227 @@
-"""Basic facts about the machine a worker runs on: CPU, RAM, and NVIDIA GPUs through NVML."""
+"""What a worker's machine has: CPU, RAM, disk for models, and NVIDIA GPUs through NVML.
+
+Plain Python (no Django), so it runs in a worker, in ``manage.py fit serve`` and in tests alike.
+A machine without an NVIDIA driver is a CPU-only node, never an error: ``gpus`` is empty.
+
+NVML is read in two steps: ``_nvml_readings`` asks the driver for raw values (bytes, milliwatts,
+packed version integers) and ``gpu_from_nvml`` turns one GPU's raw readings into our snapshot
+entry. The second step is pure, so it is tested with readings recorded from real GPUs.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
+import time
+from pathlib import Path
 
 import psutil
 
+# Peak memory bandwidth (GB/s) of common GPUs, from vendor datasheets. Token generation is
+# bound by memory bandwidth, so this is the figure speed estimates rest on. Longest match wins,
+# so "RTX 4090 D" and "H100 NVL" resolve before "RTX 4090" and "H100".
+GPU_MEMORY_BANDWIDTH_GBPS: dict[str, float] = {
+    # Datacentre
+    "B200": 8000.0, "H200": 4800.0, "GH200": 4000.0, "H100 NVL": 3900.0, "H100 SXM": 3350.0,
+    "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 2000.0, "H800": 3350.0, "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0, "A100-PCIE-80GB": 1935.0, "A100": 1555.0, "A800": 2039.0, "L40S": 864.0,
+    "L40": 864.0, "L4": 300.0, "A40": 696.0, "A30": 933.0, "A10G": 600.0, "A10": 600.0, "A16": 200.0,
+    "A2": 200.0, "T4": 320.0, "V100": 900.0, "P100": 732.0, "P40": 347.0, "P4": 192.0,
+    "RTX 6000 Ada": 960.0, "RTX 5000 Ada": 576.0, "RTX 4000 Ada": 360.0, "RTX A6000": 768.0,
+    "RTX A5000": 768.0, "RTX A4000": 448.0, "Quadro RTX 8000": 672.0, "Quadro RTX 6000": 672.0,
+    # GeForce 50 / 40 / 30 / 20 series
+    "RTX 5090": 1792.0, "RTX 5080": 960.0, "RTX 5070 Ti": 896.0, "RTX 5070": 672.0, "RTX 5060 Ti": 448.0,
+    "RTX 4090 D": 1008.0, "RTX 4090": 1008.0, "RTX 4080 SUPER": 736.0, "RTX 4080": 717.0,
+    "RTX 4070 Ti SUPER": 672.0, "RTX 4070 Ti": 504.0, "RTX 4070 SUPER": 504.0, "RTX 4070": 504.0,
+    "RTX 4060 Ti": 288.0, "RTX 4060": 272.0, "RTX 3090 Ti": 1008.0, "RTX 3090": 936.0,
+    "RTX 3080 Ti": 912.0, "RTX 3080": 760.0, "RTX 3070 Ti": 608.0, "RTX 3070": 448.0,
+    "RTX 3060 Ti": 448.0, "RTX 3060": 360.0, "RTX 3050": 224.0, "TITAN RTX": 672.0,
+    "RTX 2080 Ti": 616.0, "RTX 2080 SUPER": 496.0, "RTX 2080": 448.0, "RTX 2070": 448.0, "RTX 2060": 336.0,
+    "GTX 1080 Ti": 484.0, "GTX 1080": 320.0, "GTX 1070": 256.0, "GTX 1660": 192.0,
+}
 
-def _gpus() -> list[dict]:
-    """GPUs visible through NVML; an empty list (a CPU-only node) when there is no driver."""
+# Typical sustained bandwidth (GB/s) of system RAM when no measurement was asked for:
+# a server socket with 8+ DDR5 channels, and a desktop or laptop with two channels. One core
+# streams only about 12 GB/s, so a machine (or VM) with few cores reaches less.
+RAM_BANDWIDTH_TYPICAL_SERVER_GBPS = 200.0
+RAM_BANDWIDTH_TYPICAL_DESKTOP_GBPS = 60.0
+RAM_BANDWIDTH_PER_CORE_GBPS = 12.0
+_SERVER_CPU_MARKERS = ("EPYC", "Xeon", "Threadripper", "Neoverse", "Grace", "Ampere")
+
+
+def gpu_memory_bandwidth_gbps(name: str) -> float | None:
+    """Datasheet memory bandwidth of a GPU by its NVML name, or None for a GPU not in the table."""
+    lowered = name.lower()
+    matches = [key for key in GPU_MEMORY_BANDWIDTH_GBPS if key.lower() in lowered]
+    return GPU_MEMORY_BANDWIDTH_GBPS[max(matches, key=len)] if matches else None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def cuda_version_text(packed: int | None) -> str | None:
+    """NVML packs the CUDA driver version as 1000 * major + 10 * minor (12040 -> "12.4")."""
+    if not packed:
+        return None
+    return f"{packed // 1000}.{(packed % 1000) // 10}"
+
+
+def gpu_from_nvml(readings: dict) -> dict:
+    """One GPU's snapshot entry from raw NVML readings; a reading the GPU refused is None.
+
+    ``readings`` holds what pynvml returned, unconverted: ``name`` and ``driver_version``
+    (bytes or str), ``memory`` (total/free/used bytes), ``utilization_gpu`` (percent),
+    ``temperature`` (degrees C), ``power_mw`` (milliwatts), ``cuda_driver_version`` (packed
+    int) and ``compute_capability`` (a (major, minor) pair).
+    """
+    name = _text(readings["name"])
+    memory = readings.get("memory") or {}
+    capability = readings.get("compute_capability")
+    power_mw = readings.get("power_mw")
+    bandwidth = gpu_memory_bandwidth_gbps(name)
+    driver = readings.get("driver_version")
+    return {
+        "index": int(readings["index"]),
+        "name": name,
+        "vram_total_bytes": int(memory.get("total") or 0),
+        "vram_free_bytes": int(memory.get("free") or 0),
+        "vram_used_bytes": int(memory.get("used") or 0),
+        "utilization_pct": readings.get("utilization_gpu"),
+        "temperature_c": readings.get("temperature"),
+        "power_w": round(power_mw / 1000, 1) if power_mw is not None else None,
+        "driver_version": _text(driver) if driver is not None else None,
+        "cuda_version": cuda_version_text(readings.get("cuda_driver_version")),
+        "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
+        "memory_bandwidth_gbps": bandwidth,
+        "memory_bandwidth_source": "table" if bandwidth is not None else None,
+    }
+
+
+def _nvml_readings() -> list[dict]:
+    """Raw readings of every GPU NVML sees; [] when there is no NVIDIA driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:
         return []
+
+    def read(call, *args):
+        try:
+            return call(*args)
+        except pynvml.NVMLError:  # e.g. power or temperature not supported by this board
+            return None
+
     try:
-        gpus = []
+        driver = read(pynvml.nvmlSystemGetDriverVersion)
+        cuda = read(pynvml.nvmlSystemGetCudaDriverVersion)
+        readings = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            gpus.append({
+            memory = read(pynvml.nvmlDeviceGetMemoryInfo, handle)
+            utilization = read(pynvml.nvmlDeviceGetUtilizationRates, handle)
+            readings.append({
                 "index": index,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "vram_total_bytes": int(memory.total),
-                "vram_free_bytes": int(memory.free),
+                "name": pynvml.nvmlDeviceGetName(handle),
+                "memory": {"total": memory.total, "free": memory.free, "used": memory.used} if memory else None,
+                "utilization_gpu": utilization.gpu if utilization else None,
+                "temperature": read(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU),
+                "power_mw": read(pynvml.nvmlDeviceGetPowerUsage, handle),
+                "driver_version": driver,
+                "cuda_driver_version": cuda,
+                "compute_capability": read(pynvml.nvmlDeviceGetCudaComputeCapability, handle),
             })
-        return gpus
+        return readings
     finally:
         pynvml.nvmlShutdown()
 
 
-def hardware_snapshot() -> dict:
+def cpu_model_from_cpuinfo(text: str) -> str | None:
+    """The "model name" line of /proc/cpuinfo (x86), or "Model"/"Hardware" on some ARM boards."""
+    fallback = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "model name" and value:
+            return value
+        if key in ("model", "hardware") and value and not value.isdigit() and fallback is None:
+            fallback = value
+    return fallback
+
+
+def cpu_model_name() -> str:
+    try:
+        name = cpu_model_from_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        name = None
+    return name or platform.processor() or platform.machine()
+
+
+def ram_bandwidth_typical_gbps(cpu_model: str, cores: int) -> float:
+    server = any(marker.lower() in cpu_model.lower() for marker in _SERVER_CPU_MARKERS)
+    platform_figure = RAM_BANDWIDTH_TYPICAL_SERVER_GBPS if server else RAM_BANDWIDTH_TYPICAL_DESKTOP_GBPS
+    return min(platform_figure, RAM_BANDWIDTH_PER_CORE_GBPS * max(cores, 1))
+
+
+def ram_bandwidth_measured_gbps(*, size_bytes: int = 256 << 20, rounds: int = 3) -> float:
+    """Copy bandwidth of RAM (read + write bytes per second), best of ``rounds``; ~0.2 s.
+
+    One thread copying underestimates what llama.cpp's many threads reach, so this is a floor.
+    """
+    import numpy as np
+
+    source = np.ones(size_bytes // 8, dtype=np.float64)
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - started)
+    return round(2 * size_bytes / best / 1e9, 1)
+
+
+def disk_usage(path: str | os.PathLike | None) -> dict:
+    """Free and total bytes of the filesystem holding ``path`` (None where it cannot be read)."""
+    if path is None:
+        return {"models_dir": None, "disk_total_bytes": None, "disk_free_bytes": None}
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return {"models_dir": str(path), "disk_total_bytes": None, "disk_free_bytes": None}
+    return {"models_dir": str(path), "disk_total_bytes": int(usage.total), "disk_free_bytes": int(usage.free)}
+
+
+def hardware_snapshot(*, models_dir: str | os.PathLike | None = None, measure_ram_bandwidth: bool = False) -> dict:
+    """This machine's hardware as plain JSON values (the ``Node.hardware`` of its worker).
+
+    Keys: os, cpu_model, cpu_cores, cpu_threads, ram_total_bytes, ram_available_bytes,
+    ram_bandwidth_gbps with ram_bandwidth_source ("typical" or "measured"), models_dir,
+    disk_total_bytes, disk_free_bytes, gpus (see ``gpu_from_nvml``), cuda_visible_devices.
+    """
     memory = psutil.virtual_memory()
+    cpu_model = cpu_model_name()
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if measure_ram_bandwidth:
+        bandwidth, bandwidth_source = ram_bandwidth_measured_gbps(), "measured"
+    else:
+        bandwidth, bandwidth_source = ram_bandwidth_typical_gbps(cpu_model, cores), "typical"
     return {
-        "cpu_model": platform.processor() or platform.machine(),
-        "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+        "os": platform.system().lower(),
+        "cpu_model": cpu_model,
+        "cpu_cores": cores,
         "cpu_threads": psutil.cpu_count(logical=True),
         "ram_total_bytes": int(memory.total),
         "ram_available_bytes": int(memory.available),
-        "gpus": _gpus(),
+        "ram_bandwidth_gbps": bandwidth,
+        "ram_bandwidth_source": bandwidth_source,
+        **disk_usage(models_dir),
+        "gpus": [gpu_from_nvml(readings) for readings in _nvml_readings()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+def resident_memory_bytes() -> int:
+    """Resident memory of this process (weights mapped by llama.cpp count once they are read)."""
+    return int(psutil.Process().memory_info().rss)

@@ -1,0 +1,131 @@
+"""Reads of fit analysis: per-node reports, the fleet matrix and the placement check."""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+from apps.fit import engine
+from apps.fit.models import FitMeasurement
+from apps.models.models import ModelSource, RegisteredModel
+from apps.nodes.models import Node
+
+
+def fit_default_context() -> int:
+    """Estimates assume the context workers load models with, unless a query caps it."""
+    return settings.LLMP_N_CTX
+
+
+def node_get(*, ref: str) -> Node | None:
+    """A node by name, or by numeric id when no node has that name."""
+    node = Node.objects.filter(name=ref).first()
+    if node is None and ref.isdigit():
+        node = Node.objects.filter(pk=int(ref)).first()
+    return node
+
+
+def registered_model_spec(model: RegisteredModel) -> engine.ModelSpec | None:
+    """Fit facts of a registered local model from its GGUF header fields (any of them may be empty)."""
+    if model.source == ModelSource.EXTERNAL:
+        return None
+    created = getattr(model, "created_at", None)
+    return engine.registered_model_spec(
+        model_id=model.id, owned_by=model.owned_by, architecture=getattr(model, "architecture", "") or "",
+        parameter_count=getattr(model, "parameter_count", None), context_length=getattr(model, "context_length", None),
+        file_type=getattr(model, "file_type", "") or "", size_bytes=model.size_bytes or 0,
+        metadata=getattr(model, "metadata", None) or {}, release_date=created.date().isoformat() if created else None,
+    )
+
+
+def registered_model_specs() -> list[engine.ModelSpec]:
+    specs = (registered_model_spec(model) for model in RegisteredModel.objects.filter(is_active=True))
+    return [spec for spec in specs if spec is not None]
+
+
+def fit_models() -> list[engine.ModelSpec]:
+    """The curated catalog plus every active local model registered on the platform."""
+    return engine.with_models(engine.catalog_models(), registered_model_specs())
+
+
+def node_measurements(*, node: Node) -> dict[str, engine.Measurement]:
+    return {row.model_id: engine.Measurement(row.memory_bytes, row.tokens_per_second)
+            for row in FitMeasurement.objects.filter(node=node)}
+
+
+def node_machine(*, node: Node) -> engine.Machine:
+    return engine.machine_from_hardware(name=node.name, hardware=node.hardware or {}, gpu_index=node.gpu_index)
+
+
+def node_identity(node: Node) -> dict:
+    return {"name": node.name, "os": (node.hardware or {}).get("os", "linux"), "id": node.pk,
+            "hostname": node.hostname, "gpu_index": node.gpu_index, "status": getattr(node, "status", None)}
+
+
+def node_system(*, node: Node) -> dict:
+    return {"node": node_identity(node), "system": engine.system_json(node_machine(node=node))}
+
+
+def node_fit_report(*, node: Node, query: engine.FitQuery) -> dict:
+    """llmfit's envelope for one node: its system and its filtered, sorted model rows."""
+    machine = node_machine(node=node)
+    total, rows = engine.fit_rows(fit_models(), machine, query, default_context=fit_default_context(),
+                                  measurements=node_measurements(node=node))
+    return engine.envelope(node=node_identity(node), machine=machine, total=total, rows=rows, query=query)
+
+
+def fit_matrix(*, query: engine.FitQuery, node_names: list[str] | None = None) -> dict:
+    """Models x nodes: per cell the fit level, best quantization and estimated tokens/s.
+
+    Model filters (use_case, provider, search, runtime) pick rows; fit filters (min_fit,
+    perfect, include_too_tight) keep a row when at least one node passes them; rows sort and
+    cut by their best node.
+    """
+    nodes = list(Node.objects.all() if not node_names else Node.objects.filter(name__in=node_names))
+    models = fit_models()
+    context_limit = query.max_context or fit_default_context()
+    per_node = []
+    for node in nodes:
+        machine, measurements = node_machine(node=node), node_measurements(node=node)
+        per_node.append((node, {model.name: engine.model_fit(model, machine, context_limit=context_limit,
+                                                             measurement=measurements.get(model.name))
+                                for model in models}))
+    rows = []
+    for model in models:
+        cells = {node.name: fits[model.name] for node, fits in per_node}
+        if not cells:
+            continue
+        best = max(cells.values(), key=lambda row: (engine.FIT_RANK[row["fit_level"]], row["score"]))
+        if not engine.row_passes(best, query):
+            continue
+        rows.append({
+            **{key: best[key] for key in ("name", "provider", "parameter_count", "params_b", "parameters",
+                                          "active_parameters", "context_length", "use_case", "use_cases",
+                                          "category", "release_date", "is_moe", "runtime", "source")},
+            "best_node": next(name for name, cell in cells.items() if cell is best),
+            "fit_level": best["fit_level"], "score": best["score"], "estimated_tps": best["estimated_tps"],
+            "utilization_pct": best["utilization_pct"],
+            "nodes": {name: {key: cell[key] for key in ("fit_level", "best_quant", "estimated_tps", "run_mode",
+                                                         "memory_required_gb", "utilization_pct", "score",
+                                                         "estimate_source")}
+                      for name, cell in cells.items()},
+        })
+    rows.sort(key=engine.sort_key(query))
+    limit = query.limit if query.limit is not None else query.default_limit
+    returned = rows if limit is None else rows[:limit]
+    return {"nodes": [node_identity(node) for node in nodes], "total_models": len(rows),
+            "returned_models": len(returned), "filters": query.filters_json(), "models": returned}
+
+
+def fit_level(*, node: Node, model: RegisteredModel) -> str | None:
+    """How well a registered model fits a node (perfect|good|marginal|too_tight), None if unknown.
+
+    Cheap enough for every placement decision: no network, the catalog is not read, one query
+    for a measurement.
+    """
+    spec = registered_model_spec(model)
+    if spec is None or not (node.hardware or {}).get("ram_total_bytes"):
+        return None
+    row = FitMeasurement.objects.filter(node=node, model_id=model.id).first()
+    measurement = engine.Measurement(row.memory_bytes, row.tokens_per_second) if row else None
+    fit = engine.model_fit(spec, node_machine(node=node), context_limit=fit_default_context(),
+                           measurement=measurement)
+    return fit["fit_level"]
