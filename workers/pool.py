@@ -53,6 +53,34 @@ class ModelPool:
         with self._cond:
             return [key for key, entry in self._entries.items() if entry.idle or entry.busy]
 
+    def in_flight(self) -> int:
+        """Leases held or being loaded right now: the requests this pool is serving."""
+        with self._cond:
+            return sum(entry.busy + entry.loading for entry in self._entries.values())
+
+    def unload(self, model_ids: list[str] | None = None, *, timeout: float = 600.0) -> list[str]:
+        """Unload ``model_ids`` (every model when None) once their leases have ended.
+
+        Waits up to ``timeout`` seconds for each model's requests in flight to finish; a model
+        still busy after that stays loaded. Returns the ids that were unloaded.
+        """
+        deadline = time.monotonic() + timeout
+        unloaded: set[str] = set()
+        with self._cond:
+            while True:
+                wanted = [k for k in self._entries if model_ids is None or k.model_id in model_ids]
+                for key in wanted:
+                    entry = self._entries[key]
+                    if entry.busy == 0 and entry.loading == 0:
+                        for instance in self._entries.pop(key).idle:
+                            self._unloader(instance)
+                        unloaded.add(key.model_id)
+                still_busy = [key for key in wanted if key in self._entries]
+                remaining = deadline - time.monotonic()
+                if not still_busy or remaining <= 0:
+                    return sorted(unloaded)
+                self._cond.wait(remaining)
+
     def _used_bytes(self) -> int:
         return sum(entry.size_bytes for entry in self._entries.values())
 

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from apps.gateway.errors import OpenAIError, no_worker
-from apps.models.models import RegisteredModel
-from apps.nodes.models import Node
+from apps.models.models import ModelCopy, RegisteredModel
+from apps.nodes.models import Node, NodeStatus
 from apps.nodes.selectors import node_list_live
 from llmplatform.celery import app as celery_app
 from workers import protocol
@@ -63,7 +64,7 @@ def _inflight_horizon() -> float:
 
 
 async def node_pick(model: RegisteredModel) -> Node:
-    """The live node to serve ``model``."""
+    """The live node to serve ``model`` (see ``node_choose``)."""
     nodes = [node async for node in node_list_live()]
     if not nodes:
         raise no_worker(f"No live worker node can serve '{model.id}' right now; start one with "
@@ -71,13 +72,93 @@ async def node_pick(model: RegisteredModel) -> Node:
     return await node_choose(model, nodes)
 
 
-async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Node:
-    """Of ``nodes``, one holding ``model`` loaded first, then the one with fewest requests in flight."""
-    pipe = redis_client().pipeline(transaction=False)
+# Placement ranks nodes the model fits on by how well; too_tight ones only when nothing else can take it.
+_FIT_RANK = {"perfect": 0, "good": 1, "marginal": 2}
+TOO_TIGHT = "too_tight"
+
+
+def _fit_levels_compute(model: RegisteredModel, nodes: list[Node]) -> dict[int, str | None]:
+    """Fit levels the heartbeats have not cached yet (a model registered since); None when unknown."""
+    try:
+        from apps.fit.selectors import fit_level
+    except ImportError:
+        return {node.pk: None for node in nodes}
+    levels = {}
     for node in nodes:
+        try:
+            levels[node.pk] = fit_level(node=node, model=model)
+        except Exception:
+            logger.exception("fit level of %s on node %s failed; treating it as unknown", model.id, node.name)
+            levels[node.pk] = None
+    return levels
+
+
+async def _fit_levels(model: RegisteredModel, nodes: list[Node]) -> dict[int, str | None]:
+    levels = {node.pk: node.fit_levels[model.id] for node in nodes if model.id in node.fit_levels}
+    missing = [node for node in nodes if node.pk not in levels]
+    if missing:
+        levels.update(await sync_to_async(_fit_levels_compute)(model, missing))
+    return levels
+
+
+async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Node:
+    """Of the live ``nodes``, the one to serve ``model``; ``node.placement_reason`` says why.
+
+    Cordoned nodes (or nodes on a cordoned GPU) are skipped. Degraded nodes are used only when
+    no online node can take the request. Among the rest: a node holding the model loaded, least
+    busy first; otherwise (a model no candidate has loaded) a node the model fits on, marginal or
+    better, before one whose fit is unknown; then one that already holds the file; then the one
+    with fewest requests in flight; then the better fit. Nodes where the model is too_tight are
+    used only when no other node is left.
+    """
+    open_nodes = [node for node in nodes if not node.is_cordoned]
+    if not open_nodes:
+        raise no_worker(f"Every live node is cordoned; none can serve '{model.id}' right now.")
+    skipped = [f"{node.name} cordoned" for node in nodes if node.is_cordoned]
+    pipe = redis_client().pipeline(transaction=False)
+    for node in open_nodes:
         pipe.zcount(_inflight_key(node.name), _inflight_horizon(), "+inf")
-    busy = {node.name: count for node, count in zip(nodes, await pipe.execute())}
-    return min(nodes, key=lambda node: (model.id not in node.loaded_models, busy[node.name], node.name))
+    busy = {node.name: count for node, count in zip(open_nodes, await pipe.execute())}
+    online = [node for node in open_nodes if node.status == NodeStatus.ONLINE]
+
+    warm = [node for node in online if model.id in node.loaded_models]
+    if warm:  # the hot path: no fit or file look-ups
+        node = min(warm, key=lambda node: (busy[node.name], node.name))
+        return _placed(model, node, f"model loaded, {busy[node.name]} in flight", skipped)
+
+    fits = await _fit_levels(model, open_nodes)
+    candidates = [node for node in open_nodes if fits[node.pk] != TOO_TIGHT or model.id in node.loaded_models]
+    skipped += [f"{node.name} too_tight" for node in open_nodes if node not in candidates]
+    if not candidates:
+        candidates = open_nodes
+        skipped.append("every node too_tight: trying anyway")
+    if any(node.status == NodeStatus.ONLINE for node in candidates):
+        candidates = [node for node in candidates if node.status == NodeStatus.ONLINE]
+    else:
+        skipped.append("no online node: using a degraded one")
+    copies = {node_id async for node_id in ModelCopy.objects.filter(
+        model_id=model.id, node_id__in=[node.pk for node in candidates]).values_list("node_id", flat=True)}
+
+    def rank(node: Node) -> tuple:
+        level = fits[node.pk]
+        return (model.id not in node.loaded_models, level is None, node.pk not in copies, busy[node.name],
+                _FIT_RANK.get(level, len(_FIT_RANK)), node.name)
+
+    node = min(candidates, key=rank)
+    if model.id in node.loaded_models:
+        reason = f"model loaded, {busy[node.name]} in flight"
+    else:
+        reason = (f"fit {fits[node.pk] or 'unknown'}, file {'on node' if node.pk in copies else 'not on node'}, "
+                  f"{busy[node.name]} in flight")
+    return _placed(model, node, reason, skipped)
+
+
+def _placed(model: RegisteredModel, node: Node, reason: str, skipped: list[str]) -> Node:
+    if skipped:
+        reason = f"{reason}; {'; '.join(skipped)}"
+    node.placement_reason = reason[:255]
+    logger.info("placement: %s on %s: %s", model.id, node.name, reason)
+    return node
 
 
 async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> None:

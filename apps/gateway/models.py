@@ -46,6 +46,7 @@ class RequestLog(models.Model):
     path = models.CharField(max_length=255)
     model = models.CharField(max_length=128, blank=True, db_index=True)
     node = models.CharField(max_length=128, blank=True, db_index=True)
+    placement = models.CharField(max_length=255, blank=True, help_text="Why the gateway chose this node.")
     stream = models.BooleanField(default=False)
     status = models.CharField(max_length=16, choices=RequestStatus.choices, default=RequestStatus.PENDING, db_index=True)
     status_code = models.PositiveSmallIntegerField(null=True, blank=True)

@@ -1,4 +1,4 @@
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
@@ -6,13 +6,30 @@ from django.utils import timezone
 
 
 class NodeStatus(models.TextChoices):
+    """Derived from the age of a node's last heartbeat (see ``node_status_of``)."""
+
     ONLINE = "online"
+    DEGRADED = "degraded"
     OFFLINE = "offline"
 
 
 def node_queue_name(node_name: str) -> str:
     """The Celery queue that exactly one node consumes."""
     return f"node.{node_name}"
+
+
+def node_status_thresholds(now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The heartbeat times at or after which a node counts as online, and as not offline."""
+    now = now or timezone.now()
+    return (now - timedelta(seconds=settings.LLMP_NODE_DEGRADED_SECONDS),
+            now - timedelta(seconds=settings.LLMP_NODE_OFFLINE_SECONDS))
+
+
+def node_status_of(last_heartbeat: datetime, now: datetime | None = None) -> str:
+    online_after, live_after = node_status_thresholds(now)
+    if last_heartbeat >= online_after:
+        return NodeStatus.ONLINE
+    return NodeStatus.DEGRADED if last_heartbeat >= live_after else NodeStatus.OFFLINE
 
 
 class Node(models.Model):
@@ -27,6 +44,12 @@ class Node(models.Model):
     started_at = models.DateTimeField()
     last_heartbeat = models.DateTimeField(db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Maintenance: a cordoned node, or one using a cordoned GPU, gets no new requests.
+    cordoned = models.BooleanField(default=False)
+    cordoned_gpus = models.JSONField(default=list, blank=True, help_text="Indexes of this node's cordoned GPUs.")
+    # {model id: perfect|good|marginal|too_tight|null}, refreshed with heartbeats, read by placement.
+    fit_levels = models.JSONField(default=dict, blank=True)
+    fit_levels_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -36,5 +59,41 @@ class Node(models.Model):
 
     @property
     def status(self) -> str:
-        live_after = timezone.now() - timedelta(seconds=settings.LLMP_NODE_LIVE_SECONDS)
-        return NodeStatus.ONLINE if self.last_heartbeat >= live_after else NodeStatus.OFFLINE
+        return node_status_of(self.last_heartbeat)
+
+    @property
+    def gpu_indexes(self) -> list[int]:
+        """The GPUs this node's worker computes on: its pinned GPU, or every GPU of the machine."""
+        if self.gpu_index is not None:
+            return [self.gpu_index]
+        return [gpu["index"] for gpu in self.hardware.get("gpus", []) if isinstance(gpu, dict) and "index" in gpu]
+
+    @property
+    def is_cordoned(self) -> bool:
+        """No new placements: the node is cordoned, or one of the GPUs it computes on is.
+
+        llama.cpp spreads a model over every GPU its process sees, so a running worker cannot be
+        kept off one of them: one cordoned GPU takes the whole node out of placement.
+        """
+        return self.cordoned or bool(set(self.cordoned_gpus) & set(self.gpu_indexes))
+
+
+class NodeMetric(models.Model):
+    """One sample of a node's load, taken with a heartbeat; kept LLMP_NODE_METRICS_RETENTION_HOURS."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="metrics")
+    recorded_at = models.DateTimeField(db_index=True)
+    cpu_pct = models.FloatField(null=True, blank=True)
+    ram_used_bytes = models.BigIntegerField(null=True, blank=True)
+    ram_available_bytes = models.BigIntegerField(null=True, blank=True)
+    requests_in_flight = models.PositiveIntegerField(default=0)
+    loaded_models = models.JSONField(default=list, blank=True)
+    # [{"index", "vram_used_bytes", "utilization_pct", "temperature_c", "power_w"}], figures null when unknown.
+    gpus = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["node_id", "recorded_at"]
+        indexes = [models.Index(fields=["node", "recorded_at"], name="node_metric_node_time")]
+
+    def __str__(self) -> str:
+        return f"{self.node_id} @ {self.recorded_at:%Y-%m-%d %H:%M:%S}"

@@ -1,14 +1,30 @@
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from apps.nodes.models import Node, node_queue_name
+from apps.nodes.models import Node, NodeMetric, node_queue_name
+
+logger = logging.getLogger(__name__)
+
+MODELS_UNLOAD_TASK = "workers.tasks.models_unload"
+# How often a heartbeat recomputes the node's fit for every registered model (placement reads it).
+FIT_REFRESH_SECONDS = 60.0
+
+
+class NodeMaintenanceError(Exception):
+    """A maintenance request that does not apply to this node (e.g. a GPU it does not have)."""
 
 
 def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: dict) -> Node:
-    """Create or refresh a node as its worker starts; the node is live from this moment."""
+    """Create or refresh a node as its worker starts; the node is live from this moment.
+
+    Cordons survive a restart: an operator's maintenance outlasts the worker process.
+    """
     now = timezone.now()
     node, _ = Node.objects.update_or_create(
         name=name,
@@ -20,19 +36,110 @@ def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: 
             "loaded_models": [],
             "started_at": now,
             "last_heartbeat": now,
+            "fit_levels_at": None,  # the hardware may have changed: refit on the first heartbeat
         },
     )
     return node
 
 
-def node_heartbeat_record(*, name: str, loaded_models: list[str]) -> None:
-    """Mark a node alive now with the models it holds in memory.
+def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict | None = None) -> None:
+    """Mark a node alive now with the models it holds in memory, and store its metrics sample.
 
     Re-creates nothing: a node deleted by an operator stays deleted until its worker restarts.
     """
-    Node.objects.filter(name=name).update(last_heartbeat=timezone.now(), loaded_models=loaded_models)
+    now = timezone.now()
+    if not Node.objects.filter(name=name).update(last_heartbeat=now, loaded_models=loaded_models):
+        return
+    node = Node.objects.get(name=name)
+    if metrics is not None:
+        gpus = [gpu for gpu in metrics.get("gpus") or [] if isinstance(gpu, dict)]
+        NodeMetric.objects.create(
+            node=node, recorded_at=now, cpu_pct=metrics.get("cpu_pct"), ram_used_bytes=metrics.get("ram_used_bytes"),
+            ram_available_bytes=metrics.get("ram_available_bytes"),
+            requests_in_flight=metrics.get("requests_in_flight") or 0, loaded_models=loaded_models, gpus=gpus)
+    if node.fit_levels_at is None or now - node.fit_levels_at >= timedelta(seconds=FIT_REFRESH_SECONDS):
+        node_fit_levels_refresh(node=node)
+
+
+def node_fit_levels_refresh(*, node: Node) -> dict[str, str | None]:
+    """Recompute and store the node's fit level for every active local model."""
+    from apps.models.models import ModelSource, RegisteredModel
+
+    levels = {}
+    try:
+        from apps.fit.selectors import fit_level
+    except ImportError as exc:  # no fit analysis: placement treats every fit as unknown
+        logger.warning("fit levels of node %s unknown: %s", node.name, exc)
+    else:
+        for model in RegisteredModel.objects.filter(is_active=True).exclude(source=ModelSource.EXTERNAL):
+            try:
+                levels[model.id] = fit_level(node=node, model=model)
+            except Exception:
+                logger.exception("fit level of %s on node %s failed; treating it as unknown", model.id, node.name)
+                levels[model.id] = None
+    Node.objects.filter(pk=node.pk).update(fit_levels=levels, fit_levels_at=timezone.now())
+    return levels
 
 
 def node_mark_offline(*, name: str) -> None:
     """A worker shutting down cleanly takes its node out of routing at once."""
     Node.objects.filter(name=name).update(last_heartbeat=timezone.now() - timedelta(days=1), loaded_models=[])
+
+
+def _checked_gpus(node: Node, gpus: list[int]) -> set[int]:
+    unknown = sorted(set(gpus) - set(node.gpu_indexes))
+    if unknown:
+        raise NodeMaintenanceError(f"node {node.name} has no GPU {', '.join(map(str, unknown))} "
+                                   f"(its GPUs: {node.gpu_indexes or 'none'})")
+    return set(gpus)
+
+
+def node_cordon(*, node: Node, gpus: list[int] | None = None) -> Node:
+    """Stop placing new requests on the node, or on the given GPUs of it; requests in flight finish."""
+    if gpus:
+        node.cordoned_gpus = sorted(set(node.cordoned_gpus) | _checked_gpus(node, gpus))
+    else:
+        node.cordoned = True
+    node.save(update_fields=["cordoned", "cordoned_gpus"])
+    logger.info("node %s cordoned (node: %s, GPUs: %s)", node.name, node.cordoned, node.cordoned_gpus)
+    return node
+
+
+def node_uncordon(*, node: Node, gpus: list[int] | None = None) -> Node:
+    """Let the node, or the given GPUs of it, take new requests again."""
+    if gpus:
+        node.cordoned_gpus = sorted(set(node.cordoned_gpus) - _checked_gpus(node, gpus))
+    else:
+        node.cordoned, node.cordoned_gpus = False, []
+    node.save(update_fields=["cordoned", "cordoned_gpus"])
+    logger.info("node %s uncordoned (node: %s, GPUs: %s)", node.name, node.cordoned, node.cordoned_gpus)
+    return node
+
+
+def node_models_unload(*, node: Node, model_ids: list[str] | None = None) -> None:
+    """Ask the node's worker to unload ``model_ids`` (all when None) once their requests finish."""
+    from llmplatform.celery import app
+
+    transaction.on_commit(lambda: app.send_task(MODELS_UNLOAD_TASK, queue=node.queue, kwargs={"model_ids": model_ids}))
+
+
+def node_drain(*, node: Node, gpus: list[int] | None = None) -> Node:
+    """Cordon the node (or GPUs of it), then unload its models as their requests in flight finish."""
+    with transaction.atomic():
+        node = node_cordon(node=node, gpus=gpus)
+        node_models_unload(node=node)
+    logger.info("node %s draining its loaded models %s", node.name, node.loaded_models)
+    return node
+
+
+def node_delete(*, node: Node) -> None:
+    """Forget a node with its metrics; a worker still running under that name comes back only on restart."""
+    logger.info("node %s deleted", node.name)
+    node.delete()
+
+
+def node_metrics_prune() -> int:
+    """Delete metrics samples older than LLMP_NODE_METRICS_RETENTION_HOURS; returns how many."""
+    cutoff = timezone.now() - timedelta(hours=settings.LLMP_NODE_METRICS_RETENTION_HOURS)
+    deleted, _ = NodeMetric.objects.filter(recorded_at__lt=cutoff).delete()
+    return deleted

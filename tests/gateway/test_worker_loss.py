@@ -13,7 +13,7 @@ from llmplatform import devstack
 
 def test_a_worker_killed_mid_stream_ends_the_stream_with_worker_lost(tmp_path, model_id):
     env = devstack.child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'loss.sqlite3'}", LLMP_DATA_DIR=str(tmp_path),
-                             LLMP_NODE_LIVE_SECONDS="3", LLMP_HEARTBEAT_INTERVAL="0.5")
+                             LLMP_NODE_OFFLINE_SECONDS="3", LLMP_HEARTBEAT_INTERVAL="0.5")
     key = devstack.database_prepare(env=env, key_name="loss")
     stack = devstack.stack_start("doomed", env=env, log_dir=tmp_path)
     base_url, worker = stack.base_url, stack.worker

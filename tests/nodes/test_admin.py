@@ -1,0 +1,34 @@
+"""The node admin: status column and filter, maintenance actions, metrics pages."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from apps.nodes.models import Node
+
+
+@pytest.fixture
+def admin_client() -> Client:
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser(f"nodeadmin-{uuid.uuid4().hex[:6]}", password="x"))
+    return client
+
+
+@pytest.mark.parametrize("url", ["/admin/nodes/node/", "/admin/nodes/node/?status=degraded&cordoned__exact=1",
+                                 "/admin/nodes/nodemetric/"])
+def test_every_node_admin_page_opens(admin_client, url):
+    assert admin_client.get(url).status_code == 200
+
+
+def test_the_admin_shows_status_and_cordons_and_uncordons(admin_client, make_node):
+    node = make_node("admin")
+    page = admin_client.get("/admin/nodes/node/", {"q": node.name}).content.decode()
+    assert node.name in page and "online" in page
+    admin_client.post("/admin/nodes/node/", {"action": "cordon", "_selected_action": [node.pk]})
+    assert Node.objects.get(pk=node.pk).cordoned
+    admin_client.post("/admin/nodes/node/", {"action": "uncordon", "_selected_action": [node.pk]})
+    assert not Node.objects.get(pk=node.pk).cordoned
