@@ -14,9 +14,13 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmplatform.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402  (needs Django set up first)
+from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+
+from apps.jobs.routing import websocket_urlpatterns  # noqa: E402
+from llmplatform.uploads import upload_size_guard  # noqa: E402
 
 LEAN_PATH_PREFIXES = ("/v1/", "/health")
 
@@ -42,4 +46,7 @@ async def http_application(scope, receive, send):
     return await django_asgi_app(scope, receive, send)
 
 
-application = ProtocolTypeRouter({"http": http_application})
+application = ProtocolTypeRouter({
+    "http": upload_size_guard(http_application),
+    "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+})

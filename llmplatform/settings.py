@@ -37,6 +37,8 @@ INSTALLED_APPS = [
     "apps.nodes",
     "apps.models",
     "apps.gateway",
+    "apps.jobs",
+    "apps.fit",
 ]
 
 MIDDLEWARE = [
@@ -128,16 +130,24 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
+    "job-reap": {
+        "task": "workers.tasks.job_reap",
+        "schedule": env_float("LLMP_JOB_REAP_INTERVAL", 10.0, minimum=1.0),
+    },
     "request-log-prune": {
         "task": "apps.gateway.tasks.request_log_prune",
         "schedule": env_float("LLMP_REQUEST_LOG_PRUNE_INTERVAL", 3600.0, minimum=1.0),
+    },
+    "node-metrics-prune": {
+        "task": "apps.nodes.tasks.node_metrics_prune",
+        "schedule": env_float("LLMP_NODE_METRICS_PRUNE_INTERVAL", 600.0, minimum=1.0),
     },
 }
 
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "llmp:channels"},
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("LLMP_REDIS_PREFIX", "llmp") + ":channels"},
     }
 }
 
@@ -145,9 +155,20 @@ CHANNEL_LAYERS = {
 # Prefix for every Redis key and queue the platform uses, so two installs can share one Redis.
 LLMP_REDIS_PREFIX = env_str("LLMP_REDIS_PREFIX", "llmp")
 CELERY_TASK_DEFAULT_QUEUE = env_str("LLMP_DEFAULT_QUEUE", f"{LLMP_REDIS_PREFIX}.default")
-# A node is live while its last heartbeat is younger than this many seconds.
+# Node status from the age of its last heartbeat: online up to LLMP_NODE_DEGRADED_SECONDS
+# (default: three heartbeats), degraded up to LLMP_NODE_OFFLINE_SECONDS, offline after that.
+# Degraded nodes get new requests only when no online node can take them; offline ones none,
+# and their requests in flight fail with worker_lost.
 LLMP_HEARTBEAT_INTERVAL = env_float("LLMP_HEARTBEAT_INTERVAL", 5.0, minimum=0.5)
-LLMP_NODE_LIVE_SECONDS = env_float("LLMP_NODE_LIVE_SECONDS", 20.0, minimum=1.0)
+LLMP_NODE_OFFLINE_SECONDS = env_float("LLMP_NODE_OFFLINE_SECONDS", 20.0, minimum=1.0)
+LLMP_NODE_DEGRADED_SECONDS = env_float("LLMP_NODE_DEGRADED_SECONDS",
+                                       min(3 * LLMP_HEARTBEAT_INTERVAL, LLMP_NODE_OFFLINE_SECONDS), minimum=0.5)
+if not LLMP_HEARTBEAT_INTERVAL < LLMP_NODE_DEGRADED_SECONDS <= LLMP_NODE_OFFLINE_SECONDS:
+    raise ImproperlyConfiguredEnv(
+        "node thresholds must satisfy LLMP_HEARTBEAT_INTERVAL < LLMP_NODE_DEGRADED_SECONDS <= LLMP_NODE_OFFLINE_SECONDS, "
+        f"got {LLMP_HEARTBEAT_INTERVAL} < {LLMP_NODE_DEGRADED_SECONDS} <= {LLMP_NODE_OFFLINE_SECONDS}")
+# Hours of per-node metrics (one sample per heartbeat) kept for GET /api/v1/nodes/{node}/metrics/.
+LLMP_NODE_METRICS_RETENTION_HOURS = env_float("LLMP_NODE_METRICS_RETENTION_HOURS", 24.0, minimum=0.1)
 # How long the gateway waits for a worker to pick up a request before answering 503.
 LLMP_QUEUE_TIMEOUT = env_float("LLMP_QUEUE_TIMEOUT", 30.0, minimum=0.1)
 # Longest wait from pick-up to the first token: a free slot, loading the model, the prompt.
@@ -159,6 +180,29 @@ LLMP_DEFAULT_MAX_TOKENS = env_int("LLMP_DEFAULT_MAX_TOKENS", 512, minimum=1)
 # Largest request body the gateway reads (a long chat history is well under this).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("LLMP_MAX_REQUEST_BYTES", 8388608, minimum=1024)  # 8 MiB
 LLMP_DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+
+# External models (apps.gateway.upstream): where their upstream API keys' encryption key comes
+# from (HKDF of this, or of SECRET_KEY when empty; see apps.models.secrets), and how long the
+# gateway waits for an upstream to accept a connection, and then for each piece of its answer.
+LLMP_SECRETS_KEY = env_str("LLMP_SECRETS_KEY", "")
+LLMP_UPSTREAM_CONNECT_TIMEOUT = env_float("LLMP_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1)
+LLMP_UPSTREAM_TIMEOUT = env_float("LLMP_UPSTREAM_TIMEOUT", 600.0, minimum=1.0)
+
+# Jobs (downloads, conversions, quantizations): a running job's lease, renewed by its runner;
+# a job whose lease runs out lost its worker and is redelivered, up to this many attempts in all.
+LLMP_JOB_LEASE_SECONDS = env_float("LLMP_JOB_LEASE_SECONDS", 30.0, minimum=1.0)
+LLMP_JOB_MAX_ATTEMPTS = env_int("LLMP_JOB_MAX_ATTEMPTS", 3, minimum=1)
+LLMP_JOB_PROGRESS_INTERVAL = env_float("LLMP_JOB_PROGRESS_INTERVAL", 0.5, minimum=0.0)
+LLMP_JOB_EVENTS_MAXLEN = env_int("LLMP_JOB_EVENTS_MAXLEN", 100_000, minimum=100)
+# A worker on another machine than the server: the server's base URL, to pull model files it lacks
+# from the blob endpoint into its own LLMP_MODELS_DIR. Empty: the worker shares the server's store.
+LLMP_SERVER_URL = env_str("LLMP_SERVER_URL", "")
+# The local LLM API's generate: temperature when the request gives none.
+LLMP_GENERATE_TEMPERATURE = env_float("LLMP_GENERATE_TEMPERATURE", 0.6, minimum=0.0)
+# Directory of Hugging Face checkpoints on a node that a convert job may read (source_dir).
+LLMP_CHECKPOINTS_DIR = env_path("LLMP_CHECKPOINTS_DIR", DATA_DIR / "checkpoints")
+# Largest model file an upload may carry (default 10 GiB).
+LLMP_UPLOAD_MAX_BYTES = env_int("LLMP_UPLOAD_MAX_BYTES", 10737418240, minimum=1024)
 
 # Worker model pool (read by workers/, passed in as plain values).
 LLMP_POOL_MAX_MODELS = env_int("LLMP_POOL_MAX_MODELS", 2, minimum=1)

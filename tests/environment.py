@@ -13,3 +13,6 @@ os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ["LLMP_REDIS_PREFIX"] = f"llmptest-{RUN}"
 os.environ.setdefault("LLMP_HEARTBEAT_INTERVAL", "1")
 os.environ.setdefault("LLMP_N_CTX", "2048")
+os.environ.setdefault("LLMP_UPLOAD_MAX_BYTES", str(150 * 1024 * 1024))  # the bundled model (98 MB) fits
+os.environ.setdefault("LLMP_JOB_LEASE_SECONDS", "3")
+os.environ.setdefault("LLMP_JOB_PROGRESS_INTERVAL", "0.2")

@@ -34,20 +34,29 @@ class NodeLifecycle(bootsteps.StartStopStep):
             model_register_bundled()
         except BundledModelMissing as exc:  # a node can serve other models without it
             logger.warning("%s", exc)
-        node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(),
-                             hardware=hardware_snapshot())
+        hardware = {**hardware_snapshot(models_dir=settings.MODELS_DIR), "own_model_cache": bool(settings.LLMP_SERVER_URL)}
+        node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(), hardware=hardware)
         logger.info("node %s registered, consuming queue %s", node.name, node.queue)
+        from apps.jobs.services import job_recover_for_node
+
+        if recovered := job_recover_for_node(node=node):
+            logger.info("redelivered %d job(s) this node was running when it last stopped", recovered)
         self._thread = threading.Thread(target=self._beat, name="node-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
+        """Every LLMP_HEARTBEAT_INTERVAL: mark the node alive and store a metrics sample."""
         from apps.nodes.services import node_heartbeat_record
-        from workers.node import loaded_model_ids, node_name
+        from workers.metrics import metrics_sample
+        from workers.node import loaded_model_ids, node_name, node_pool
 
+        metrics_sample(loaded_models=[], requests_in_flight=0)  # starts the CPU-use measurement
         while not self._stop.wait(settings.LLMP_HEARTBEAT_INTERVAL):
             try:
                 close_old_connections()
-                node_heartbeat_record(name=node_name(), loaded_models=loaded_model_ids())
+                loaded = loaded_model_ids()
+                sample = metrics_sample(loaded_models=loaded, requests_in_flight=node_pool().in_flight())
+                node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample)
             except Exception:
                 logger.exception("heartbeat failed; retrying in %ss", settings.LLMP_HEARTBEAT_INTERVAL)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from functools import cache
 
 import psutil
@@ -27,9 +28,48 @@ def gpu_index() -> int | None:
     return int(raw) if raw else None
 
 
+def _blob_url(model_id: str) -> str:
+    from apps.models.api.lifecycle import blob_token
+
+    return f"{settings.LLMP_SERVER_URL.rstrip('/')}/api/v1/blobs/{model_id}?token={blob_token(model_id)}"
+
+
+_present: set[str] = set()
+_present_lock = threading.Lock()
+
+
+def _model_present(model_id: str) -> None:
+    """Record once per process, in the background, that this node holds a model's file."""
+    with _present_lock:
+        if model_id in _present:
+            return
+        _present.add(model_id)
+
+    def record() -> None:
+        from django.db import close_old_connections
+
+        from apps.models.models import RegisteredModel
+        from apps.models.services import model_copy_record
+        from apps.nodes.models import Node
+
+        try:
+            close_old_connections()
+            model = RegisteredModel.objects.filter(id=model_id).first()
+            node = Node.objects.filter(name=node_name()).first()
+            if model is not None and node is not None:
+                model_copy_record(model=model, node=node)
+        except Exception:
+            with _present_lock:
+                _present.discard(model_id)
+
+    threading.Thread(target=record, name="model-copy-record", daemon=True).start()
+
+
 @cache
 def node_config() -> NodeConfig:
     return NodeConfig(
+        blob_url=_blob_url if settings.LLMP_SERVER_URL else None,
+        on_model_present=_model_present,
         name=node_name(),
         models_dir=settings.MODELS_DIR,
         redis_prefix=settings.LLMP_REDIS_PREFIX,

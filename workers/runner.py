@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 from workers import protocol
 from workers.bundled import BundledModelMissing, bundled_model_path
 from workers.generation import InferenceError, SamplingParams, generate
+from workers.hardware import resident_memory_bytes
 from workers.pool import ModelKey, ModelPool, PoolExhausted
 from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
 
@@ -30,6 +32,10 @@ class NodeConfig:
     n_ctx: int
     n_gpu_layers: int
     n_threads: int  # 0: llama.cpp's choice
+    # A node with its own model cache pulls missing files from the server: the URL of a model's blob.
+    blob_url: Callable[[str], str] | None = None
+    # Called (off the token path) the first time this process finds a model's file on its disk.
+    on_model_present: Callable[[str], None] | None = None
 
 
 def model_path(model: dict, models_dir: Path) -> Path:
@@ -42,6 +48,19 @@ def model_path(model: dict, models_dir: Path) -> Path:
     return models_dir / model["file_name"]
 
 
+def _pull(model: dict, path: Path, config: NodeConfig) -> Path:
+    from workers.distribution import PullError, model_pull
+
+    logger.info("model %s is not on this node; pulling %s from the server", model["id"], path.name)
+    try:
+        return model_pull(url=config.blob_url(model["id"]), dest=path, size=model.get("size_bytes") or 0,
+                          sha256=model.get("sha256") or "")
+    except (PullError, OSError, Exception) as exc:
+        logger.error("pulling %s failed: %s", model["id"], exc)
+        raise InferenceError(f"model {model['id']} could not be fetched to node {config.name}: {exc}",
+                             code="model_unavailable", status=503, type="server_error") from exc
+
+
 def load_llama(key: ModelKey, config: NodeConfig) -> llama_cpp.Llama:
     options = {"n_ctx": config.n_ctx, "n_gpu_layers": config.n_gpu_layers, "verbose": False}
     if config.n_threads:
@@ -49,7 +68,22 @@ def load_llama(key: ModelKey, config: NodeConfig) -> llama_cpp.Llama:
     if key.embedding:
         options.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
     logger.info("loading %s from %s (embedding=%s)", key.model_id, key.path, key.embedding)
-    return llama_cpp.Llama(model_path=key.path, **options)
+    resident_before = resident_memory_bytes()
+    llm = llama_cpp.Llama(model_path=key.path, **options)
+    if not key.embedding:  # fit calibration: what loading this model at n_ctx cost
+        _record_fit_measurement(node_name=config.name, model_id=key.model_id,
+                                memory_bytes=resident_memory_bytes() - resident_before)
+    return llm
+
+
+def _record_fit_measurement(**measurement) -> None:
+    """Hand a measurement to fit calibration (apps.fit), which writes it on a thread of its own."""
+    try:
+        from apps.fit.services import measurement_record_in_background
+
+        measurement_record_in_background(**measurement)
+    except Exception:
+        logger.warning("fit measurement %s not recorded", measurement, exc_info=True)
 
 
 def _embedding_result(llm: llama_cpp.Llama, inputs: list[str], encoding_format: str) -> dict:
@@ -79,6 +113,10 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
         return
     try:
         path = model_path(model, config.models_dir)
+        if not path.is_file() and config.blob_url is not None and model["source"] != "bundled":
+            path = _pull(model, path, config)
+        if config.on_model_present is not None and path.is_file():
+            config.on_model_present(model["id"])
         if not path.is_file():
             logger.error("model %s: %s does not exist on this node", model["id"], path)
             raise InferenceError(f"model {model['id']} is not available on node {config.name}: its file "
@@ -103,10 +141,21 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
                 frequency_penalty=params.get("frequency_penalty", 0.0),
                 presence_penalty=params.get("presence_penalty", 0.0),
             )
-            result = generate(llm, tokens, sampling, stream.emit_token)
+            first_token_at: list[float] = []
+
+            def emit_token(text: str) -> None:
+                if not first_token_at:
+                    first_token_at.append(time.monotonic())
+                stream.emit_token(text)
+
+            result = generate(llm, tokens, sampling, emit_token)
+            decode_seconds = time.monotonic() - first_token_at[0] if first_token_at else 0.0
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         stream.emit(protocol.EVENT_DONE, {"finish_reason": result.finish_reason, "usage": usage})
+        if result.completion_tokens >= 8 and decode_seconds > 0:  # fit calibration: decoding speed
+            _record_fit_measurement(node_name=config.name, model_id=model["id"],
+                                    tokens_per_second=(result.completion_tokens - 1) / decode_seconds)
     except protocol.RequestCancelled:
         logger.info("request %s cancelled by its client after %d tokens", request_id, stream.tokens_emitted)
         stream.emit(protocol.EVENT_CANCELLED, {"tokens_emitted": stream.tokens_emitted, "at": time.time()})

@@ -12,3 +12,42 @@ from workers.runner import request_run
 def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None:
     request_run(request_id=request_id, kind=kind, model=model, params=params,
                 config=node_config(), redis=node_redis(), pool=node_pool())
+
+
+# acks_late + reject_on_worker_lost: a job whose worker dies goes back to the queue. The Job row
+# decides whether it still runs (see apps.jobs.runner: claim by conditional update, bounded attempts).
+@shared_task(name="workers.tasks.job_run", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def job_run(job_id: str) -> None:
+    from apps.jobs.runner import job_execute
+    from workers.node import node_name
+
+    job_execute(job_id=job_id, node_name=node_name())
+
+
+@shared_task(name="workers.tasks.job_reap", ignore_result=True)
+def job_reap() -> int:
+    from apps.jobs.services import job_reap as reap
+
+    return reap()
+
+
+# Sent to one node's queue (node.NAME): drain after a cordon, or free a model's memory.
+@shared_task(name="workers.tasks.models_unload", ignore_result=True)
+def models_unload(model_ids: list[str] | None = None) -> list[str]:
+    return node_pool().unload(model_ids)
+
+
+@shared_task(name="workers.tasks.model_copy_delete", ignore_result=True)
+def model_copy_delete(model_id: str) -> bool:
+    """Unload a model and delete this node's own copy of its file (never the server's store)."""
+    from django.conf import settings
+
+    from apps.models.models import RegisteredModel
+
+    if not settings.LLMP_SERVER_URL:
+        return False
+    node_pool().unload([model_id])
+    model = RegisteredModel.objects.filter(id=model_id).first()
+    file_name = model.file_name if model is not None else f"{model_id}.gguf"
+    (settings.MODELS_DIR / file_name).unlink(missing_ok=True)
+    return True

@@ -21,6 +21,7 @@ from apps.gateway.history import RequestRecord
 from apps.gateway.models import ApiKey, RequestStatus
 from apps.gateway.selectors import api_key_check
 from apps.gateway.services import api_key_touch
+from apps.gateway.upstream import upstream_serve
 from apps.models.models import RegisteredModel
 from apps.models.selectors import model_get_active, model_list_active
 from workers import protocol
@@ -83,7 +84,8 @@ class _Generation:
 
     async def start(self) -> None:
         self.node = await node_pick(self.model)
-        self.record.open(model=self.model.id, node=self.node.name, stream=self.valid.stream,
+        self.record.open(model=self.model.id, node=self.node.name, placement=getattr(self.node, "placement_reason", ""),
+                         stream=self.valid.stream,
                          request_body=self.valid.body)
         await request_send(request_id=self.request_id, kind=self.valid.kind, model=self.model,
                            params=self.valid.params, node=self.node)
@@ -120,6 +122,8 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
         model = await model_get_active(model_id=valid.model)
         if model is None:
             raise model_not_found(valid.model)
+        if model.is_external:  # served by another OpenAI-compatible server, not by a node
+            return await upstream_serve(valid, model, record)
         generation = _Generation(valid, model, record)
         await generation.start()
         first = await generation.next_output()

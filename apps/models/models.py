@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.db import models
 
 
@@ -6,18 +7,41 @@ class ModelSource(models.TextChoices):
     UPLOAD = "upload", "Uploaded"
     HUGGINGFACE = "huggingface", "Hugging Face"
     CONVERSION = "conversion", "Converted"
+    EXTERNAL = "external", "External OpenAI-compatible API"
 
 
 class RegisteredModel(models.Model):
-    """A GGUF model the gateway can route to, under the id clients put in ``model``."""
+    """A model the gateway can route to, under the id clients put in ``model``.
+
+    A local model is one complete, verified GGUF file: the row exists only once the file does.
+    Its facts come from the file's GGUF header. An external model forwards to another
+    OpenAI-compatible server (see ``ExternalEndpoint``).
+    """
 
     id = models.SlugField(primary_key=True, max_length=128)
     source = models.CharField(max_length=16, choices=ModelSource.choices)
     # File name inside the models directory (for bundled models: inside the package).
-    file_name = models.CharField(max_length=255)
+    file_name = models.CharField(max_length=255, blank=True)
     size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
     owned_by = models.CharField(max_length=64, default="llmplatform")
     is_active = models.BooleanField(default=True)
+    # From the GGUF header.
+    architecture = models.CharField(max_length=64, blank=True)
+    parameter_count = models.BigIntegerField(null=True, blank=True)
+    context_length = models.PositiveIntegerField(null=True, blank=True)
+    file_type = models.CharField(max_length=32, blank=True,
+                                 help_text="Quantization, as llama.cpp names it (Q4_K_M, F16, ...)")
+    chat_template = models.TextField(blank=True)
+    # block_count, head_count, head_count_kv, embedding_length, key_length, value_length, ...
+    metadata = models.JSONField(default=dict, blank=True)
+    # Where it came from: a Hugging Face repo + file, or the model it was converted/quantized from.
+    hf_repo = models.CharField(max_length=255, blank=True)
+    hf_filename = models.CharField(max_length=255, blank=True)
+    hf_revision = models.CharField(max_length=64, blank=True)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="derived")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -27,6 +51,43 @@ class RegisteredModel(models.Model):
     def __str__(self) -> str:
         return self.id
 
+    @property
+    def is_external(self) -> bool:
+        return self.source == ModelSource.EXTERNAL
+
     def worker_spec(self) -> dict:
-        """What a worker needs to find and load this model; plain JSON values only."""
-        return {"id": self.id, "source": self.source, "file_name": self.file_name}
+        """What a worker needs to find, fetch and load this model; plain JSON values only."""
+        return {"id": self.id, "source": self.source, "file_name": self.file_name,
+                "size_bytes": self.size_bytes, "sha256": self.sha256}
+
+
+class ModelCopy(models.Model):
+    """A node holds a complete, verified copy of a model's file in its models directory."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="copies")
+    node = models.ForeignKey("nodes.Node", on_delete=models.CASCADE, related_name="model_copies")
+    size_bytes = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model_id", "node_id"]
+        constraints = [models.UniqueConstraint(fields=["model", "node"], name="model_copy_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} on {self.node_id}"
+
+
+class ExternalEndpoint(models.Model):
+    """Where an external model's requests go: another OpenAI-compatible server.
+
+    The upstream API key is stored encrypted (``apps.models.secrets``), never in plain text.
+    """
+
+    model = models.OneToOneField(RegisteredModel, on_delete=models.CASCADE, primary_key=True,
+                                 related_name="endpoint")
+    base_url = models.URLField(max_length=500, help_text="The upstream's OpenAI base URL, e.g. https://api.example.com/v1")
+    upstream_model = models.CharField(max_length=255, help_text="The model name the upstream expects")
+    api_key_encrypted = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.model_id} -> {self.base_url}"

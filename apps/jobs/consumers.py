@@ -1,0 +1,120 @@
+"""WebSocket: live job events, with replay of what a reconnecting client missed.
+
+Connect to ``/ws/jobs/`` with a session cookie or an API key (``Authorization: Bearer`` header,
+or ``?api_key=`` for browsers, which cannot set headers). Query parameters subscribe at once:
+``job=<id>`` (or ``job=*`` for every job the user may see) and ``last_event_id=<id>``. Or send
+``{"action": "subscribe", "job": "<id>" | "*", "last_event_id": "<id>"}`` and
+``{"action": "unsubscribe", "job": ...}``. Every message is JSON: an event (``"type": "job.*"``),
+``{"type": "subscribed", ...}`` or ``{"type": "error", "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from apps.jobs import events
+from apps.jobs.selectors import job_visible
+
+ALL = "*"
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+@database_sync_to_async
+def _user_for_key(raw_key: str):
+    from asgiref.sync import async_to_sync
+
+    from apps.gateway.selectors import api_key_check
+
+    check = async_to_sync(api_key_check)(raw_key=raw_key)
+    return check.key.user if check.key is not None and check.key.user is not None else None
+
+
+class JobEventsConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        self.user = await self._authenticate()
+        if self.user is None:
+            await self.close(code=4401)
+            return
+        self.subscriptions: dict[str, str] = {}  # job id or "*" -> its group
+        self.last_seen: dict[str, tuple[int, int]] = {}  # job id -> last event id sent
+        await self.accept()
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        if "job" in query:
+            await self._subscribe(query["job"][0], (query.get("last_event_id") or [""])[0])
+
+    async def _authenticate(self):
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            return user
+        headers = dict(self.scope.get("headers") or [])
+        scheme, _, raw_key = headers.get(b"authorization", b"").decode(errors="replace").partition(" ")
+        if scheme.lower() != "bearer":
+            raw_key = (parse_qs(self.scope.get("query_string", b"").decode()).get("api_key") or [""])[0]
+        return await _user_for_key(raw_key.strip()) if raw_key.strip() else None
+
+    async def disconnect(self, code) -> None:
+        for group in set(getattr(self, "subscriptions", {}).values()):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs) -> None:
+        if not isinstance(content, dict) or content.get("action") not in ("subscribe", "unsubscribe"):
+            await self.send_json({"type": "error",
+                                  "error": 'send {"action": "subscribe" or "unsubscribe", "job": "<id>" or "*"}'})
+            return
+        target = str(content.get("job") or "")
+        if content["action"] == "subscribe":
+            await self._subscribe(target, str(content.get("last_event_id") or ""))
+        elif (target := self._subscription_key(target)) in self.subscriptions:
+            group = self.subscriptions.pop(target)
+            if group not in self.subscriptions.values():
+                await self.channel_layer.group_discard(group, self.channel_name)
+            await self.send_json({"type": "unsubscribed", "job": target})
+
+    def _subscription_key(self, target: str) -> str:
+        for key in self.subscriptions:
+            if key.replace("-", "") == target.replace("-", "").lower():
+                return key
+        return target
+
+    async def _subscribe(self, target: str, last_event_id: str) -> None:
+        if last_event_id and not _EVENT_ID.match(last_event_id):
+            await self.send_json({"type": "error", "error": f"invalid last_event_id {last_event_id!r}: use an event's id"})
+            return
+        if target == ALL:
+            group = events.STAFF_GROUP if self.user.is_staff else events.user_group(self.user.pk)
+            job_id = None
+        else:
+            job = await database_sync_to_async(job_visible)(user=self.user, job_id=target)
+            if job is None:
+                await self.send_json({"type": "error", "error": f"job {target!r} not found"})
+                return
+            group, job_id, target = events.job_group(job.pk), job.pk, str(job.pk)
+        # Join first, then replay: an event published in between arrives twice and is dropped by id.
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.subscriptions[target] = group
+        missed = await database_sync_to_async(events.events_after)(last_id=last_event_id or None, job_id=job_id) \
+            if last_event_id or job_id is not None else []
+        await self.send_json({"type": "subscribed", "job": target, "replayed": len(missed)})
+        for event in missed:
+            await self._forward(event)
+
+    def _visible(self, event: events.JobEvent) -> bool:
+        return self.user.is_staff or event.get("owner") == self.user.pk
+
+    async def _forward(self, event: events.JobEvent) -> None:
+        if not self._visible(event):
+            return
+        key = events.id_key(event["id"])
+        if self.last_seen.get(event["job"], (-1, -1)) >= key:
+            return
+        self.last_seen[event["job"]] = key
+        await self.send_json(event)
+
+    async def job_event(self, message) -> None:
+        event = message["event"]
+        if event["job"] in self.subscriptions or ALL in self.subscriptions:
+            await self._forward(event)

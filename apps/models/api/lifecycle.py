@@ -1,0 +1,269 @@
+"""Getting models onto the fleet: Hugging Face search/files/register, convert, quantize (each a job),
+a node's model cache, and the blob endpoint nodes pull model files from."""
+
+from __future__ import annotations
+
+import re
+
+from django.core import signing
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.jobs.api.serializers import JobSerializer
+from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_download_start, model_quantize_start
+from apps.models.models import ModelCopy, ModelSource, RegisteredModel
+from apps.models.services import GGUF_SUFFIX, ModelError, model_path
+from apps.nodes.models import Node
+from llmplatform.celery import app as celery_app
+
+BLOB_SALT = "llmplatform.blob"
+BLOB_TOKEN_MAX_AGE = 24 * 3600
+
+
+def _error(message: str, code: int) -> Response:
+    return Response({"error": message}, status=code)
+
+
+def _hub_status(exc) -> int:
+    from workers import hf
+
+    if isinstance(exc, (hf.HfRepoNotFound, hf.HfRevisionNotFound, hf.HfFileNotFound)):
+        return 404
+    if isinstance(exc, hf.HfAccessDenied):
+        return 403
+    return 502
+
+
+class HubSearchView(APIView):
+    @extend_schema(summary="Search Hugging Face models", parameters=[
+        OpenApiParameter("q", str, required=True), OpenApiParameter("limit", int)], responses={200: dict})
+    def get(self, request):
+        from workers import hf
+
+        query = request.query_params.get("q", "").strip()
+        if not query:
+            return _error("q is required", 400)
+        try:
+            limit = min(100, max(1, int(request.query_params.get("limit", 20))))
+        except ValueError:
+            return _error("limit must be an integer", 400)
+        try:
+            return Response({"models": hf.hf_search(query=query, limit=limit)})
+        except hf.HfError as exc:
+            return _error(str(exc), _hub_status(exc))
+
+
+class HubFilesView(APIView):
+    @extend_schema(summary="A Hugging Face repo's files, to pick a GGUF quant", parameters=[
+        OpenApiParameter("repo", str, required=True), OpenApiParameter("revision", str)], responses={200: dict})
+    def get(self, request):
+        from workers import hf
+
+        repo = request.query_params.get("repo", "").strip()
+        if not repo:
+            return _error("repo is required", 400)
+        try:
+            files = hf.hf_repo_files(repo_id=repo, revision=request.query_params.get("revision") or None)
+        except hf.HfError as exc:
+            return _error(str(exc), _hub_status(exc))
+        return Response({"repo": repo, "files": files, "gguf_files": [f for f in files if f.get("is_gguf")]})
+
+
+class HubRegisterSerializer(serializers.Serializer):
+    repo_id = serializers.CharField(max_length=255)
+    filename = serializers.CharField(max_length=255)
+    revision = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    name = serializers.CharField(max_length=128, required=False, help_text="Model id; default: the file name without .gguf")
+    node = serializers.CharField(max_length=128, required=False, help_text="Node to run the job on; default: least busy")
+
+
+class ConvertSerializer(serializers.Serializer):
+    repo_id = serializers.CharField(max_length=255, required=False, help_text="A Hugging Face safetensors checkpoint")
+    source_dir = serializers.CharField(max_length=500, required=False,
+                                       help_text="Or a checkpoint directory under LLMP_CHECKPOINTS_DIR on the node")
+    revision = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    outtype = serializers.ChoiceField(choices=CONVERT_OUTTYPES, default="f16")
+    quantize = serializers.CharField(max_length=16, required=False, allow_blank=True,
+                                     help_text="Then quantize to this type (Q4_K_M, Q5_K_M, Q8_0, ...)")
+    name = serializers.CharField(max_length=128)
+    node = serializers.CharField(max_length=128, required=False)
+
+
+class QuantizeSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=128, help_text="Id of a registered GGUF model")
+    qtype = serializers.CharField(max_length=16)
+    name = serializers.CharField(max_length=128, required=False, help_text="Default: <model>-<qtype>")
+    node = serializers.CharField(max_length=128, required=False)
+
+
+def _start(serializer_class, request, start) -> Response:
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    try:
+        job = start(serializer.validated_data, request.user)
+    except ModelError as exc:
+        return _error(str(exc), exc.status)
+    return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class HubRegisterView(APIView):
+    @extend_schema(summary="Register a GGUF file of a Hugging Face repo: starts a download job",
+                   request=HubRegisterSerializer, responses={202: JobSerializer, 400: dict, 404: dict, 409: dict})
+    def post(self, request):
+        return _start(HubRegisterSerializer, request, lambda data, user: model_download_start(**data, user=user))
+
+
+class ConvertView(APIView):
+    @extend_schema(summary="Convert a Hugging Face checkpoint to GGUF (and optionally quantize it): starts a job",
+                   request=ConvertSerializer, responses={202: JobSerializer, 400: dict, 409: dict})
+    def post(self, request):
+        return _start(ConvertSerializer, request, lambda data, user: model_convert_start(**data, user=user))
+
+
+class QuantizeView(APIView):
+    @extend_schema(summary="Quantize a registered model: starts a job", request=QuantizeSerializer,
+                   responses={202: JobSerializer, 400: dict, 404: dict, 409: dict})
+    def post(self, request):
+        return _start(QuantizeSerializer, request, lambda data, user: model_quantize_start(
+            source_model=data["model"], qtype=data["qtype"], name=data.get("name"), node=data.get("node"), user=user))
+
+
+def _node_or_404(node: str) -> Node | None:
+    lookup = {"pk": int(node)} if node.isdigit() else {"name": node}
+    return Node.objects.filter(**lookup).first()
+
+
+class NodeCacheView(APIView):
+    @extend_schema(summary="Models a node holds on disk and has loaded in memory", responses={200: dict, 404: dict})
+    def get(self, request, node: str):
+        found = _node_or_404(node)
+        if found is None:
+            return _error(f"Node {node!r} not found", 404)
+        held = [{"model": copy.model_id, "size_bytes": copy.size_bytes, "since": copy.created_at}
+                for copy in ModelCopy.objects.filter(node=found)]
+        return Response({"node": found.name, "held": held, "loaded": list(found.loaded_models)})
+
+
+class NodeCacheUnloadView(APIView):
+    @extend_schema(summary="Unload models from a node's memory (all when 'models' is absent)",
+                   request={"application/json": {"type": "object", "properties": {
+                       "models": {"type": "array", "items": {"type": "string"}}}}}, responses={202: dict, 404: dict})
+    def post(self, request, node: str):
+        found = _node_or_404(node)
+        if found is None:
+            return _error(f"Node {node!r} not found", 404)
+        models = request.data.get("models") if isinstance(request.data, dict) else None
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+            return _error("models must be a list of model ids", 400)
+        celery_app.send_task("workers.tasks.models_unload", args=[models], queue=found.queue)
+        return Response({"message": "Unload requested", "node": found.name, "models": models}, status=202)
+
+
+class NodeCacheDeleteView(APIView):
+    @extend_schema(summary="Delete a node's copy of a model (a node with its own cache, not the server's store)",
+                   responses={202: dict, 400: dict, 404: dict})
+    def delete(self, request, node: str, model: str):
+        found = _node_or_404(node)
+        if found is None:
+            return _error(f"Node {node!r} not found", 404)
+        copy = ModelCopy.objects.filter(node=found, model_id=model).first()
+        if copy is None:
+            return _error(f"Node {found.name} holds no copy of {model!r}", 404)
+        if not found.hardware.get("own_model_cache"):
+            return _error(f"Node {found.name} uses the server's model store; delete the model itself instead", 400)
+        celery_app.send_task("workers.tasks.model_copy_delete", args=[model], queue=found.queue)
+        copy.delete()
+        return Response({"message": "Delete requested", "node": found.name, "model": model}, status=202)
+
+
+def blob_token(model_id: str) -> str:
+    """A token that lets a node fetch one model's file; signed with SECRET_KEY, valid for a day."""
+    return signing.dumps({"model": model_id}, salt=BLOB_SALT)
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def model_blob(request: HttpRequest, model_id: str) -> HttpResponse:
+    """A model's file, with HTTP Range so a node's interrupted pull resumes. Auth: ``?token=`` from
+    ``blob_token`` (what nodes use), or an API key / session."""
+    token = request.GET.get("token", "")
+    if token:
+        try:
+            claims = signing.loads(token, salt=BLOB_SALT, max_age=BLOB_TOKEN_MAX_AGE)
+        except signing.BadSignature:
+            return JsonResponse({"error": "Invalid or expired blob token"}, status=403)
+        if claims.get("model") != model_id:
+            return JsonResponse({"error": "The token is for another model"}, status=403)
+    elif not _authenticated(request):
+        return JsonResponse({"error": "Authentication credentials were not provided."}, status=401)
+    model = RegisteredModel.objects.filter(id=model_id, is_active=True).exclude(source=ModelSource.EXTERNAL).first()
+    if model is None:
+        return JsonResponse({"error": f"Model {model_id!r} not found"}, status=404)
+    path = model_path(model)
+    if not path.is_file():
+        return JsonResponse({"error": f"The file of {model_id!r} is missing on the server"}, status=404)
+    size = path.stat().st_size
+    headers = {"Accept-Ranges": "bytes", "X-Model-Sha256": model.sha256, "ETag": f'"{model.sha256 or size}"'}
+    spec = request.headers.get("Range", "")
+    handle = open(path, "rb")
+    if not spec:
+        response = FileResponse(handle, content_type="application/octet-stream",
+                                filename=model.file_name or f"{model_id}{GGUF_SUFFIX}")
+        for key, value in headers.items():
+            response[key] = value
+        return response
+    match = _RANGE.match(spec.strip())
+    start, end = _range_bounds(match, size) if match else (None, None)
+    if start is None:
+        handle.close()
+        response = JsonResponse({"error": f"Unsatisfiable range {spec!r} for {size} bytes"}, status=416)
+        response["Content-Range"] = f"bytes */{size}"
+        return response
+    handle.seek(start)
+    response = FileResponse(_limited(handle, end - start + 1), status=206, content_type="application/octet-stream")
+    response["Content-Range"] = f"bytes {start}-{end}/{size}"
+    response["Content-Length"] = str(end - start + 1)
+    for key, value in headers.items():
+        response[key] = value
+    return response
+
+
+def _range_bounds(match, size: int) -> tuple[int | None, int | None]:
+    first, last = match.group(1), match.group(2)
+    if not first and not last:
+        return None, None
+    if not first:  # the last N bytes
+        length = int(last)
+        return (max(0, size - length), size - 1) if length and size else (None, None)
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        return None, None
+    return start, end
+
+
+def _limited(handle, length: int, chunk_size: int = 1 << 20):
+    try:
+        while length > 0:
+            chunk = handle.read(min(chunk_size, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
+    finally:
+        handle.close()
+
+
+def _authenticated(request: HttpRequest) -> bool:
+    from asgiref.sync import async_to_sync
+
+    from apps.gateway.selectors import api_key_check
+
+    scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and raw_key.strip():
+        return async_to_sync(api_key_check)(raw_key=raw_key.strip()).key is not None
+    return request.user.is_authenticated

@@ -1,0 +1,350 @@
+"""The local LLM API (same paths, fields and status codes as that design), on the platform's registry.
+
+``/api/v1/health``, ``/api/v1/models`` (GET list, POST upload or external registration),
+``/api/v1/models/{name}`` (DELETE), ``/api/v1/models/sync``, ``/api/v1/generate``,
+``/api/v1/cache/clear`` and ``/api/v1/cache/status``. They need an API key (or a session) like
+the rest of the management API; errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.models.models import ModelSource, RegisteredModel
+from apps.models.services import (
+    GGUF_SUFFIX,
+    ModelConflict,
+    ModelError,
+    gguf_facts,
+    model_delete,
+    model_file_name_clean,
+    model_id_for_file,
+    model_path,
+    model_register_file,
+    sha256_file,
+)
+from apps.models.uploads import FILE_FIELD, GGUFUploadHandler
+from apps.nodes.selectors import node_list_live
+from llmplatform.celery import app as celery_app
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "Local LLM API"
+SERVICE_VERSION = "1.0.0"
+UNLOAD_TASK = "workers.tasks.models_unload"
+
+
+def _error(message: str, code: int, **extra) -> Response:
+    return Response({**extra, "error": message}, status=code)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return "./" + str(path.relative_to(settings.BASE_DIR))
+    except ValueError:
+        return str(path)
+
+
+def model_info(model: RegisteredModel) -> dict:
+    """A model as the local LLM API lists it (name, path, size, modified), plus the registry's facts."""
+    info = {"name": model.file_name or model.id, "id": model.id, "source": model.source}
+    if model.is_external:
+        info.update(path=None, size=None, modified=model.updated_at.isoformat().replace("+00:00", "Z"))
+        return info
+    path = model_path(model)
+    info.update(
+        path=_display_path(path), size=human_size(model.size_bytes), size_bytes=model.size_bytes,
+        modified=model.updated_at.isoformat().replace("+00:00", "Z"), architecture=model.architecture,
+        parameter_count=model.parameter_count, context_length=model.context_length, file_type=model.file_type,
+        sha256=model.sha256,
+    )
+    return info
+
+
+def _models_listing() -> dict:
+    models = [model_info(model) for model in RegisteredModel.objects.filter(is_active=True)]
+    return {"models": models, "count": len(models)}
+
+
+def model_by_name(name: str) -> RegisteredModel | None:
+    """A model by its file name (``.gguf`` appended when missing) or its id."""
+    file_name = name if name.lower().endswith(GGUF_SUFFIX) else name + GGUF_SUFFIX
+    return (RegisteredModel.objects.filter(file_name=file_name).first()
+            or RegisteredModel.objects.filter(id=name).first()
+            or RegisteredModel.objects.filter(id=model_id_for_file(file_name)).first())
+
+
+def _tell_live_nodes(task: str, *args) -> list[str]:
+    names = []
+    for node in node_list_live_sync():
+        celery_app.send_task(task, args=list(args), queue=node.queue)
+        names.append(node.name)
+    return names
+
+
+def node_list_live_sync():
+    return list(node_list_live())
+
+
+class HealthView(APIView):
+    @extend_schema(summary="Whether the API is up (local LLM API)", responses={200: dict})
+    def get(self, request):
+        return Response({"status": "healthy", "service": SERVICE_NAME, "version": SERVICE_VERSION})
+
+
+class ModelsView(APIView):
+    parser_classes = [MultiPartParser, JSONParser]
+
+    @extend_schema(summary="List models (local LLM API)", responses={200: dict})
+    def get(self, request):
+        try:
+            return Response(_models_listing())
+        except Exception as exc:
+            logger.exception("listing models failed")
+            return _error(f"Failed to list models: {exc}", 500)
+
+    @extend_schema(summary="Upload a .gguf model (multipart field 'file'), or register an external API model (JSON)",
+                   request={"multipart/form-data": {"type": "object", "properties": {
+                       FILE_FIELD: {"type": "string", "format": "binary"}}},
+                       "application/json": {"type": "object", "properties": {
+                           "name": {"type": "string"}, "api_key": {"type": "string"},
+                           "endpoint": {"type": "string"}, "upstream_model": {"type": "string"}}}},
+                   responses={200: dict, 400: dict, 409: dict, 413: dict})
+    def post(self, request):
+        if request.content_type.startswith("application/json"):
+            return self._register_external(request)
+        if not request.content_type.startswith("multipart/form-data"):
+            return _error("No file part in the request", 400)
+        request._request.upload_handlers = [GGUFUploadHandler(request._request)]
+        try:
+            received = request.FILES.get(FILE_FIELD)
+        except ModelError as exc:
+            return _error(str(exc), exc.status)
+        except ParseError as exc:
+            return _error(f"Malformed multipart body: {exc.detail}", 400)
+        if received is None:
+            return _error("No file part in the request", 400)
+        try:
+            return self._register_upload(request, received)
+        finally:
+            received.discard()
+
+    def _register_upload(self, request, received) -> Response:
+        name = received.name
+        model_id = model_id_for_file(name)
+        if received.size == 0:
+            return _error("No file selected", 400)
+        if RegisteredModel.objects.filter(id=model_id).exists() or RegisteredModel.objects.filter(file_name=name).exists():
+            return _error("File already exists", 409)
+        try:
+            gguf_facts(received.path)  # the whole header, before anything else opens the file
+        except ModelError as exc:
+            return _error(str(exc), 400)
+        final = settings.MODELS_DIR / name
+        try:
+            os.link(received.path, final)
+        except FileExistsError:
+            return _error("File already exists", 409)
+        try:
+            model = model_register_file(model_id=model_id, source=ModelSource.UPLOAD, path=final, sha256=received.sha256,
+                                        created_by=request.user if request.user.is_authenticated else None)
+        except ModelConflict:
+            final.unlink(missing_ok=True)
+            return _error("File already exists", 409)
+        except Exception:
+            final.unlink(missing_ok=True)
+            raise
+        logger.info("uploaded %s (%d bytes, sha256 %s)", name, received.size, received.sha256)
+        return Response({"message": "File uploaded successfully", "filename": name, "model_info": model_info(model)})
+
+    def _register_external(self, request) -> Response:
+        from apps.models.external import model_register_external
+
+        if not request.user.is_staff:  # the server would call a URL of the caller's choosing
+            return _error("Only staff users may register external API models", 403)
+        body = request.data if isinstance(request.data, dict) else {}
+        name = str(body.get("name") or "").strip()
+        endpoint = str(body.get("endpoint") or "").strip()
+        if not name:
+            return _error("Model name is required", 400)
+        if not endpoint:
+            return _error("Endpoint is required for an external API model", 400)
+        try:
+            model = model_register_external(name=name, base_url=endpoint, api_key=str(body.get("api_key") or ""),
+                                            upstream_model=body.get("upstream_model") or None,
+                                            created_by=request.user if request.user.is_authenticated else None)
+        except ModelError as exc:
+            return _error(str(exc), exc.status)
+        return Response({"message": "External model registered successfully", "filename": model.id,
+                         "model_info": model_info(model)})
+
+
+class ModelDeleteView(APIView):
+    @extend_schema(summary="Delete a model (appends .gguf when missing)", responses={200: dict, 404: dict})
+    def delete(self, request, name: str):
+        model = model_by_name(name)
+        if model is None:
+            return _error("Model not found", 404)
+        if model.source == ModelSource.BUNDLED:
+            return _error("The bundled model cannot be deleted", 400)
+        filename = model.file_name or model.id
+        try:
+            _tell_live_nodes(UNLOAD_TASK, [model.id])
+            model_delete(model=model)
+        except Exception as exc:
+            logger.exception("deleting %s failed", filename)
+            return _error(f"Failed to delete model: {exc}", 500)
+        return Response({"message": "Model deleted successfully", "filename": filename,
+                         "remaining_models": RegisteredModel.objects.filter(is_active=True).count()})
+
+
+def models_sync() -> dict:
+    """Register every valid .gguf in the models directory that no model owns; drop models whose file is gone."""
+    added, removed, skipped = [], [], []
+    owned = set(RegisteredModel.objects.exclude(source__in=[ModelSource.BUNDLED, ModelSource.EXTERNAL])
+                .values_list("file_name", flat=True))
+    for path in sorted(settings.MODELS_DIR.glob(f"*{GGUF_SUFFIX}")):
+        if path.name in owned or not path.is_file():
+            continue
+        try:
+            name = model_file_name_clean(path.name)
+            if name != path.name:
+                raise ModelError(f"unsafe file name; rename it to {name}")
+            model_register_file(model_id=model_id_for_file(name), source=ModelSource.UPLOAD, path=path,
+                                sha256=sha256_file(path))
+            added.append(path.name)
+        except ModelError as exc:
+            skipped.append({"name": path.name, "reason": str(exc)})
+    for model in RegisteredModel.objects.exclude(source__in=[ModelSource.BUNDLED, ModelSource.EXTERNAL]):
+        if not model_path(model).is_file():
+            removed.append(model.file_name)
+            model.delete()
+    return {"added": added, "removed": removed, "skipped": skipped}
+
+
+class ModelsSyncView(APIView):
+    @extend_schema(summary="Synchronise the models list with the models directory", request=None,
+                   responses={200: dict})
+    def post(self, request):
+        try:
+            changes = models_sync()
+        except Exception as exc:
+            logger.exception("sync failed")
+            return _error(f"Failed to sync models: {exc}", 500)
+        return Response({"message": "Models list synchronized successfully", "data": _models_listing(), **changes})
+
+
+def _int_field(body: dict, name: str, default: int, minimum: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelError(f"{name} must be an integer of at least {minimum}")
+    return value
+
+
+class GenerateView(APIView):
+    parser_classes = [JSONParser]
+
+    @extend_schema(summary="Generate a response (local LLM API)", request={"application/json": {
+        "type": "object", "required": ["question", "model_name"], "properties": {
+            "question": {"type": "string"}, "model_name": {"type": "string"}, "template": {"type": "string"},
+            "n_gpu_layers": {"type": "integer"}, "n_batch": {"type": "integer"}, "temperature": {"type": "number"},
+            "max_tokens": {"type": "integer"}}}}, responses={200: dict, 400: dict, 404: dict, 500: dict})
+    def post(self, request):
+        from apps.gateway.errors import OpenAIError
+        from apps.gateway.generate import generate_answer
+
+        try:
+            body = request.data
+        except ParseError:
+            return _error("Request body is required", 400)
+        if not isinstance(body, dict) or not body:
+            return _error("Request body is required", 400)
+        question = body.get("question")
+        if not isinstance(question, str) or not question.strip():
+            return _error("Question is required", 400)
+        model_name = body.get("model_name")
+        if not isinstance(model_name, str) or not model_name.strip():
+            return _error("Model name is required", 400)
+        model = model_by_name(model_name.strip())
+        if model is None or not model.is_active:
+            return _error("Model not found", 404)
+        try:
+            temperature = body.get("temperature", settings.LLMP_GENERATE_TEMPERATURE)
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+                raise ModelError("temperature must be a number from 0 to 2")
+            # Accepted for compatibility: a node loads a model once with its own offload and batch settings.
+            _int_field(body, "n_gpu_layers", 40, -1)
+            _int_field(body, "n_batch", 512, 1)
+            max_tokens = _int_field(body, "max_tokens", settings.LLMP_DEFAULT_MAX_TOKENS, 1)
+            template = body.get("template")
+            if template is not None and not isinstance(template, str):
+                raise ModelError("template must be a string")
+        except ModelError as exc:
+            return _error(str(exc), 400)
+        if template and "{question}" in template:
+            request_body = {"prompt": template.replace("{question}", question)}
+        else:
+            messages = [{"role": "system", "content": template}] if template else []
+            request_body = {"messages": messages + [{"role": "user", "content": question}]}
+        request_body.update(temperature=temperature, max_tokens=max_tokens)
+        started = time.perf_counter()
+        api_key = request.auth if hasattr(request.auth, "prefix") else None
+        try:
+            answer = async_to_sync(generate_answer)(model=model, body=request_body, path=request.path, api_key=api_key,
+                                                    user_id=request.user.pk if request.user.is_authenticated else None)
+        except OpenAIError as exc:
+            code = exc.status if exc.status in (400, 404, 503) else 500
+            return _error(f"Failed to generate response: {exc.message}", code, success=False)
+        response = Response({
+            "success": True, "response": answer.text, "model_used": model.file_name or model.id,
+            "processing_time": round(time.perf_counter() - started, 3), "token_count": answer.completion_tokens,
+        })
+        response["X-Request-Id"] = answer.request_id
+        return response
+
+
+class CacheClearView(APIView):
+    @extend_schema(summary="Unload every model from every live node's memory", request=None, responses={200: dict})
+    def post(self, request):
+        try:
+            nodes = _tell_live_nodes(UNLOAD_TASK, None)
+        except Exception as exc:
+            logger.exception("cache clear failed")
+            return _error(f"Failed to clear cache: {exc}", 500)
+        return Response({"message": "Cache cleared successfully", "nodes": nodes})
+
+
+class CacheStatusView(APIView):
+    @extend_schema(summary="Models loaded in memory, across live nodes", responses={200: dict})
+    def get(self, request):
+        try:
+            by_node = {node.name: list(node.loaded_models) for node in node_list_live_sync()}
+            ids = sorted({model_id for loaded in by_node.values() for model_id in loaded})
+            names = {m.id: m.file_name or m.id for m in RegisteredModel.objects.filter(id__in=ids)}
+            cached = [names.get(model_id, model_id) for model_id in ids]
+        except Exception as exc:
+            logger.exception("cache status failed")
+            return _error(f"Failed to get cache status: {exc}", 500)
+        return Response({"cached_models": cached, "count": len(cached), "nodes": by_node})
