@@ -11,10 +11,12 @@ or ``?api_key=`` for browsers, which cannot set headers). Query parameters subsc
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.http.request import validate_host
 
 from apps.jobs import events
 from apps.jobs.selectors import job_visible
@@ -48,13 +50,21 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
 
     async def _authenticate(self):
         user = self.scope.get("user")
-        if user is not None and user.is_authenticated:
+        if user is not None and user.is_authenticated and self._same_site():
             return user
         headers = dict(self.scope.get("headers") or [])
         scheme, _, raw_key = headers.get(b"authorization", b"").decode(errors="replace").partition(" ")
         if scheme.lower() != "bearer":
             raw_key = (parse_qs(self.scope.get("query_string", b"").decode()).get("api_key") or [""])[0]
         return await _user_for_key(raw_key.strip()) if raw_key.strip() else None
+
+    def _same_site(self) -> bool:
+        """A session cookie counts only from a page of this site (no cross-site WebSocket hijacking)."""
+        origin = dict(self.scope.get("headers") or []).get(b"origin")
+        if origin is None:
+            return True
+        host = urlsplit(origin.decode("latin1")).hostname or ""
+        return validate_host(host, settings.ALLOWED_HOSTS)
 
     async def disconnect(self, code) -> None:
         for group in set(getattr(self, "subscriptions", {}).values()):

@@ -196,3 +196,20 @@ def test_other_users_cannot_see_or_follow_a_job(platform, http, hub_node):
     with pytest.raises(Exception):
         with connect(_ws_url(platform, f"job={job['id']}")) as ws:
             ws.recv(timeout=5)
+
+
+def test_a_session_cookie_opens_the_websocket_only_from_this_sites_pages(platform, http, hub_node):
+    from django.test import Client
+
+    job = _register(http, hub_node, filename=BROKEN_FILE)
+    owner = Job.objects.get(pk=job["id"]).created_by
+    browser = Client()
+    browser.force_login(owner)
+    cookie = f"sessionid={browser.cookies['sessionid'].value}"
+    with connect(_ws_url(platform, f"job={job['id']}"),
+                 additional_headers={"Cookie": cookie, "Origin": platform.base_url}) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "subscribed"
+    with pytest.raises(Exception):
+        with connect(_ws_url(platform, f"job={job['id']}"),
+                     additional_headers={"Cookie": cookie, "Origin": "https://evil.example"}) as ws:
+            ws.recv(timeout=5)
