@@ -15,16 +15,20 @@ from apps.nodes.models import Node
 from llmplatform import devstack
 from tests.environment import RUN
 from tests.fakehub import FakeFile, FakeHub, FakeRepo
+from tests.fixtures.tiny_llama import build_tiny_llama
 from workers.bundled import bundled_model_path
 
 GGUF_REPO = "acme/smol-gguf"
 GGUF_FILE = "smol.Q4_1.gguf"
 BROKEN_FILE = "broken.Q4_0.gguf"
+CHECKPOINT_REPO = "acme/tiny-llama"
 
 
 @pytest.fixture(scope="session")
-def hub():
-    repos = [FakeRepo(GGUF_REPO, [
+def hub(tmp_path_factory):
+    checkpoint = build_tiny_llama(tmp_path_factory.mktemp("hub-checkpoint") / "tiny-llama")
+    repos = [FakeRepo(CHECKPOINT_REPO, [FakeFile(path.name, source=path) for path in sorted(checkpoint.iterdir())]),
+             FakeRepo(GGUF_REPO, [
         FakeFile(GGUF_FILE, source=bundled_model_path()),
         FakeFile(BROKEN_FILE, data=b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, lfs=True),
         FakeFile("README.md", data=b"# smol\n"),
