@@ -116,3 +116,15 @@ def test_a_model_no_node_holds_goes_where_it_fits_not_where_it_is_too_tight(http
     devstack.wait_until(lambda: f"placement: {model_id} on {second}: fit good" in platform.server.log(), timeout=5,
                         what="the placement log line")
     assert f"{first} too_tight" in platform.server.log()
+
+
+def test_the_fleet_matrix_shows_both_workers_as_nodes_with_their_real_hardware(http, nodes, model_id):
+    matrix = http.get("/api/v1/fit/matrix", params={"nodes": ",".join(nodes), "search": "smollm2-135m"}).json()
+    assert {node["name"] for node in matrix["nodes"]} == set(nodes)
+    row = next(r for r in matrix["models"] if r["name"] == model_id)
+    assert set(row["nodes"]) == set(nodes)
+    for cell in row["nodes"].values():
+        assert cell["fit_level"] in ("perfect", "good", "marginal") and cell["estimated_tps"] > 0
+    for name in nodes:
+        system = http.get(f"/api/v1/nodes/{name}/system").json()["system"]
+        assert system["cpu_cores"] >= 1 and system["total_ram_gb"] > 1
