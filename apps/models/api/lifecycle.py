@@ -17,6 +17,7 @@ from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_d
 from apps.models.models import ModelCopy, ModelSource, RegisteredModel
 from apps.models.services import GGUF_SUFFIX, ModelError, model_path
 from apps.nodes.models import Node
+from apps.nodes.services import node_models_unload
 from llmplatform.celery import app as celery_app
 
 BLOB_SALT = "llmplatform.blob"
@@ -158,7 +159,7 @@ class NodeCacheUnloadView(APIView):
         models = request.data.get("models") if isinstance(request.data, dict) else None
         if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
             return _error("models must be a list of model ids", 400)
-        celery_app.send_task("workers.tasks.models_unload", args=[models], queue=found.queue)
+        node_models_unload(node=found, model_ids=models)
         return Response({"message": "Unload requested", "node": found.name, "models": models}, status=202)
 
 

@@ -36,13 +36,12 @@ from apps.models.services import (
 )
 from apps.models.uploads import FILE_FIELD, GGUFUploadHandler
 from apps.nodes.selectors import node_list_live
-from llmplatform.celery import app as celery_app
+from apps.nodes.services import node_models_unload
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "Local LLM API"
 SERVICE_VERSION = "1.0.0"
-UNLOAD_TASK = "workers.tasks.models_unload"
 
 
 def _error(message: str, code: int, **extra) -> Response:
@@ -94,12 +93,12 @@ def model_by_name(name: str) -> RegisteredModel | None:
             or RegisteredModel.objects.filter(id=model_id_for_file(file_name)).first())
 
 
-def _tell_live_nodes(task: str, *args) -> list[str]:
-    names = []
-    for node in node_list_live_sync():
-        celery_app.send_task(task, args=list(args), queue=node.queue)
-        names.append(node.name)
-    return names
+def _unload_on_live_nodes(model_ids: list[str] | None) -> list[str]:
+    """Every live node unloads ``model_ids`` (all when None) once their requests finish."""
+    nodes = node_list_live_sync()
+    for node in nodes:
+        node_models_unload(node=node, model_ids=model_ids)
+    return [node.name for node in nodes]
 
 
 def node_list_live_sync():
@@ -209,7 +208,7 @@ class ModelDeleteView(APIView):
             return _error("The bundled model cannot be deleted", 400)
         filename = model.file_name or model.id
         try:
-            _tell_live_nodes(UNLOAD_TASK, [model.id])
+            _unload_on_live_nodes([model.id])
             model_delete(model=model)
         except Exception as exc:
             logger.exception("deleting %s failed", filename)
@@ -329,7 +328,7 @@ class CacheClearView(APIView):
     @extend_schema(summary="Unload every model from every live node's memory", request=None, responses={200: dict})
     def post(self, request):
         try:
-            nodes = _tell_live_nodes(UNLOAD_TASK, None)
+            nodes = _unload_on_live_nodes(None)
         except Exception as exc:
             logger.exception("cache clear failed")
             return _error(f"Failed to clear cache: {exc}", 500)
