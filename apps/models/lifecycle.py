@@ -22,13 +22,17 @@ CONVERT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def job_node_pick(name: str | None) -> Node:
-    """The named node, or the live node running the fewest jobs."""
+    """The named node, or the live node running the fewest jobs; either must write the server's model
+    store (a node with its own cache would keep the new model to itself)."""
     if name:
         node = Node.objects.filter(name=name).first()
         if node is None:
             raise ModelError(f"Node {name!r} not found", status=404)
+        if node.hardware.get("own_model_cache"):
+            raise ModelError(f"Node {name!r} keeps its own model cache (LLMP_SERVER_URL); jobs that make models "
+                             "run on nodes that share the server's models directory")
         return node
-    node = (node_list_live().annotate(running=Count("jobs", filter=Q(jobs__status=JobStatus.RUNNING)))
+    node = (node_list_live().exclude(hardware__own_model_cache=True).annotate(running=Count("jobs", filter=Q(jobs__status=JobStatus.RUNNING)))
             .order_by("running", "name").first())
     if node is None:
         raise ModelError("No live worker node can run the job; start one with 'python -m workers --node NAME'",

@@ -104,6 +104,9 @@ def test_a_node_with_its_own_cache_pulls_a_model_it_lacks_and_serves_it(http, cl
     devstack.wait_until(lambda: not (models_dir / f"{name}.gguf").exists(), timeout=20, what="the copy to go")
     assert RegisteredModel.objects.filter(id=name).exists(), "deleting a node's copy must keep the model"
 
+    refused = http.post("/api/v1/quantize", json={"model": name, "qtype": "Q8_0", "node": node.name})
+    assert refused.status_code == 400 and "own model cache" in refused.json()["error"]
+
 
 def test_node_cache_errors_are_clear(http, platform, model_id):
     assert http.get("/api/v1/nodes/no-such-node/cache").status_code == 404
