@@ -213,3 +213,22 @@ def test_a_session_cookie_opens_the_websocket_only_from_this_sites_pages(platfor
         with connect(_ws_url(platform, f"job={job['id']}"),
                      additional_headers={"Cookie": cookie, "Origin": "https://evil.example"}) as ws:
             ws.recv(timeout=5)
+
+
+def test_subscribing_to_every_job_delivers_a_new_jobs_events_and_only_to_those_who_may_see_it(
+        platform, api_key, http, hub_node):
+    from django.contrib.auth import get_user_model
+
+    from apps.gateway.services import api_key_create
+
+    stranger = get_user_model().objects.create_user(f"watcher-{uuid.uuid4().hex[:6]}")
+    _, stranger_key = api_key_create(name="watcher", user=stranger)
+    with connect(_ws_url(platform, "job=*"), additional_headers={"Authorization": f"Bearer {api_key}"}) as mine, \
+            connect(_ws_url(platform, "job=*"), additional_headers={"Authorization": f"Bearer {stranger_key}"}) as theirs:
+        assert json.loads(mine.recv(timeout=10))["type"] == "subscribed"
+        assert json.loads(theirs.recv(timeout=10))["type"] == "subscribed"
+        job = _register(http, hub_node, filename=BROKEN_FILE)
+        events = [e for e in _events_until_final(mine, timeout=60) if e["job"] == job["id"]]
+        assert events[0]["type"] == "job.created" and events[-1]["type"] == "job.failed"
+        with pytest.raises(TimeoutError):
+            theirs.recv(timeout=1)
