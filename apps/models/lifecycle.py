@@ -32,7 +32,8 @@ def job_node_pick(name: str | None) -> Node:
             raise ModelError(f"Node {name!r} keeps its own model cache (LLMP_SERVER_URL); jobs that make models "
                              "run on nodes that share the server's models directory")
         return node
-    node = (node_list_live().exclude(hardware__own_model_cache=True).annotate(running=Count("jobs", filter=Q(jobs__status=JobStatus.RUNNING)))
+    node = (node_list_live().exclude(hardware__own_model_cache=True)
+            .annotate(running=Count("jobs", filter=Q(jobs__status=JobStatus.RUNNING)))
             .order_by("running", "name").first())
     if node is None:
         raise ModelError("No live worker node can run the job; start one with 'python -m workers --node NAME'",
