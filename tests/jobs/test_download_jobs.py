@@ -40,14 +40,15 @@ def _ws_url(platform, query: str) -> str:
     return platform.base_url.replace("http://", "ws://") + "/ws/jobs/?" + query
 
 
-def _events_until_final(ws, *, timeout: float = 120) -> list[dict]:
+def _events_until_final(ws, *, job_id: str | None = None, timeout: float = 120) -> list[dict]:
+    """Events received until the final one of ``job_id`` (of any job when None)."""
     received = []
     deadline = time.monotonic() + timeout
     while True:
         message = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
         if message["type"].startswith("job."):
             received.append(message)
-            if message["type"] in FINAL:
+            if message["type"] in FINAL and job_id in (None, message["job"]):
                 return received
 
 
@@ -228,7 +229,7 @@ def test_subscribing_to_every_job_delivers_a_new_jobs_events_and_only_to_those_w
         assert json.loads(mine.recv(timeout=10))["type"] == "subscribed"
         assert json.loads(theirs.recv(timeout=10))["type"] == "subscribed"
         job = _register(http, hub_node, filename=BROKEN_FILE)
-        events = [e for e in _events_until_final(mine, timeout=60) if e["job"] == job["id"]]
+        events = [e for e in _events_until_final(mine, job_id=job["id"], timeout=60) if e["job"] == job["id"]]
         assert events[0]["type"] == "job.created" and events[-1]["type"] == "job.failed"
         with pytest.raises(TimeoutError):
             theirs.recv(timeout=1)
