@@ -7,7 +7,6 @@ interruption, check its sha256 against the registry's, and only then rename it i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -15,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from workers.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +62,10 @@ def model_pull(*, url: str, dest: Path, size: int, sha256: str, timeout: float =
                             done += len(chunk)
                             if progress is not None:
                                 progress(done, size)
-            if _sha256(part) == sha256 or not sha256:
+            if sha256_file(part) == sha256 or not sha256:
                 os.replace(part, dest)
                 logger.info("pulled %s (%d bytes) from the server", dest.name, dest.stat().st_size)
                 return dest
             logger.warning("pulled %s does not match its sha256; fetching it again from the start", dest.name)
             part.unlink()
         raise PullError(f"{dest.name} did not match its sha256 twice")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(4 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -24,7 +24,6 @@ import contextlib
 import errno
 import fcntl
 import glob
-import hashlib
 import os
 import re
 import shutil
@@ -47,9 +46,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
+from workers.files import sha256_file
+
 PARTIAL_DIR_NAME = ".incomplete"
 REPORT_INTERVAL_S = 0.25
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 # Back-off between attempts when the connection drops; the count resets whenever bytes arrive.
 NETWORK_RETRY_WAITS_S = (1.0, 2.0, 4.0)
 
@@ -275,15 +275,6 @@ def hf_discard_partial(*, dest_dir: Path, filename: str) -> int:
     with contextlib.suppress(OSError):
         partial_dir.rmdir()
     return freed
-
-
-def sha256_file(path: Path, *, chunk_size: int = HASH_CHUNK_BYTES) -> str:
-    """The hex sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- internals ---------------------------------------------------------------------------------

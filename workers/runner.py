@@ -49,13 +49,15 @@ def model_path(model: dict, models_dir: Path) -> Path:
 
 
 def _pull(model: dict, path: Path, config: NodeConfig) -> Path:
+    import httpx
+
     from workers.distribution import PullError, model_pull
 
     logger.info("model %s is not on this node; pulling %s from the server", model["id"], path.name)
     try:
         return model_pull(url=config.blob_url(model["id"]), dest=path, size=model.get("size_bytes") or 0,
                           sha256=model.get("sha256") or "")
-    except (PullError, OSError, Exception) as exc:
+    except (PullError, OSError, httpx.HTTPError) as exc:
         logger.error("pulling %s failed: %s", model["id"], exc)
         raise InferenceError(f"model {model['id']} could not be fetched to node {config.name}: {exc}",
                              code="model_unavailable", status=503, type="server_error") from exc

@@ -26,3 +26,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return self.keyword
+
+
+async def request_user(request):
+    """For plain Django views outside DRF: the user of a bearer API key or of the session; None when neither."""
+    scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and raw_key.strip():
+        check = await api_key_check(raw_key=raw_key.strip())
+        return check.key.user if check.key is not None else None
+    user = await request.auser()
+    return user if user.is_authenticated else None

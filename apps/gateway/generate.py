@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from apps.gateway import validation
+from apps.gateway.errors import OpenAIError
 from apps.gateway.history import RequestRecord
-from apps.gateway.models import ApiKey
+from apps.gateway.models import ApiKey, RequestStatus
+from apps.gateway.upstream import upstream_chat
 from apps.gateway.views import _collect, _Generation
 from apps.models.models import RegisteredModel
 
@@ -30,38 +32,28 @@ async def generate_answer(*, model: RegisteredModel, body: dict, path: str, api_
         record.identify(api_key)
     elif user_id is not None:
         record.fields["user_id"] = user_id
-    chat = "messages" in body
     body = {**body, "model": model.id, "stream": False}
-    if model.is_external:
-        from apps.gateway.upstream import upstream_chat
-
-        record.open(model=model.id, node="external", stream=False, request_body=body)
-        try:
-            result = await upstream_chat(model, body)
-        except Exception as exc:
-            from apps.gateway.errors import OpenAIError
-
-            if isinstance(exc, OpenAIError):
-                record.fail(exc)
-            raise
-        usage = result.get("usage") or {}
-        record.close(status="succeeded", status_code=200, usage=usage, response_body=result)
-        return Answer(result["choices"][0]["message"]["content"] or "", usage.get("prompt_tokens", 0),
-                      usage.get("completion_tokens", 0), str(record.id))
-    valid = (validation.chat_request if chat else validation.completion_request)(body)
-    generation = _Generation(valid, model, record)
+    if model.is_external and "prompt" in body:  # external models are reached through chat completions
+        body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+    chat = "messages" in body
     try:
-        await generation.start()
-        result = await _collect(generation, await generation.next_output())
-    except Exception as exc:
-        from apps.gateway.errors import OpenAIError
-
-        if isinstance(exc, OpenAIError):
-            record.fail(exc)
+        if model.is_external:
+            record.open(model=model.id, node="external", stream=False, request_body=body)
+            result = await upstream_chat(model, body)
+            record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=result.get("usage"),
+                         response_body=result)
+        else:
+            generation = _Generation((validation.chat_request if chat else validation.completion_request)(body),
+                                     model, record)
+            try:
+                await generation.start()
+                result = await _collect(generation, await generation.next_output())
+            finally:
+                generation.release()
+    except OpenAIError as error:
+        record.fail(error)
         raise
-    finally:
-        generation.release()
     choice = result["choices"][0]
-    text = choice["message"]["content"] if chat else choice["text"]
-    usage = result["usage"]
-    return Answer(text, usage["prompt_tokens"], usage["completion_tokens"], str(record.id))
+    usage = result.get("usage") or {}
+    text = (choice["message"]["content"] if chat else choice["text"]) or ""
+    return Answer(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), str(record.id))

@@ -120,8 +120,13 @@ def job_event_send(job: Job, event_type: str, data: dict | None = None) -> None:
     transaction.on_commit(lambda: _publish_now(payload))
 
 
-def events_after(*, last_id: str | None, job_id=None, count: int = 1000) -> list[JobEvent]:
-    """Events after ``last_id`` (all of them when None), of one job or of all jobs, oldest first."""
+def events_after(*, last_id: str | None, job_id=None, page: int = 1000) -> list[JobEvent]:
+    """Every event kept after ``last_id`` (all of them when None), of one job or of all jobs, oldest first."""
     stream = job_stream(job_id) if job_id is not None else all_jobs_stream()
-    start = f"({last_id}" if last_id else "-"
-    return [event_decode(entry_id, fields) for entry_id, fields in events_redis().xrange(stream, start, "+", count=count)]
+    found: list[JobEvent] = []
+    while True:
+        start = f"({found[-1]['id'] if found else last_id}" if found or last_id else "-"
+        entries = events_redis().xrange(stream, start, "+", count=page)
+        found.extend(event_decode(entry_id, fields) for entry_id, fields in entries)
+        if len(entries) < page:
+            return found

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from apps.jobs.models import Job
@@ -14,5 +15,5 @@ def job_list_visible(*, user) -> QuerySet[Job]:
 def job_visible(*, user, job_id) -> Job | None:
     try:
         return job_list_visible(user=user).filter(pk=job_id).first()
-    except Exception:  # not a UUID
+    except ValidationError:  # not a UUID
         return None

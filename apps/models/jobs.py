@@ -8,6 +8,7 @@ into the store and registered. Cancelling removes the directory; a failure keeps
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -25,8 +26,8 @@ from apps.models.services import (
     model_id_check,
     model_path,
     model_register_file,
-    sha256_file,
 )
+from workers.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,34 +88,35 @@ def _register(ctx: JobContext, path: Path, *, source: str, expected_sha256: str 
     return model
 
 
-def _cancellable(ctx: JobContext, run):
-    """Run ``run()``; on cancellation remove the job's directory and say so."""
-    try:
-        return run()
-    except JobCancelled:
-        _remove_work_dir(ctx)
-        raise
+def _cleans_up_on_cancel(handler):
+    """A cancelled job leaves nothing behind: its work directory goes with it."""
+    @functools.wraps(handler)
+    def run(ctx: JobContext) -> RegisteredModel:
+        try:
+            return handler(ctx)
+        except JobCancelled:
+            _remove_work_dir(ctx)
+            raise
+
+    return run
 
 
+@_cleans_up_on_cancel
 def download_run(ctx: JobContext) -> RegisteredModel:
     from workers import hf
 
     params = ctx.params
-
-    def run() -> RegisteredModel:
-        work = job_work_dir(ctx)
-        ctx.stage(JobStage.DOWNLOADING, unit="bytes")
-        with _as_job_outcomes(hf.DownloadCancelled, hf.HfError):
-            path = hf.hf_download(repo_id=params["repo_id"], filename=params["filename"], dest_dir=work,
-                                  revision=params.get("revision") or None, progress=ctx.progress,
-                                  should_cancel=ctx.cancel_requested)
-        ctx.progress(path.stat().st_size, path.stat().st_size, force=True)
-        model = _register(ctx, path, source=ModelSource.HUGGINGFACE, hf_repo=params["repo_id"],
-                          hf_filename=params["filename"], hf_revision=params.get("revision") or "")
-        _remove_work_dir(ctx)
-        return model
-
-    return _cancellable(ctx, run)
+    work = job_work_dir(ctx)
+    ctx.stage(JobStage.DOWNLOADING, unit="bytes")
+    with _as_job_outcomes(hf.DownloadCancelled, hf.HfError):
+        path = hf.hf_download(repo_id=params["repo_id"], filename=params["filename"], dest_dir=work,
+                              revision=params.get("revision") or None, progress=ctx.progress,
+                              should_cancel=ctx.cancel_requested)
+    ctx.progress(path.stat().st_size, path.stat().st_size, force=True)
+    model = _register(ctx, path, source=ModelSource.HUGGINGFACE, hf_repo=params["repo_id"],
+                      hf_filename=params["filename"], hf_revision=params.get("revision") or "")
+    _remove_work_dir(ctx)
+    return model
 
 
 def _checkpoint_dir(ctx: JobContext, work: Path) -> Path:
@@ -165,47 +167,40 @@ def _quantize(ctx: JobContext, source: Path, qtype: str, out: Path) -> Path:
                                 should_cancel=ctx.cancel_requested)
 
 
+@_cleans_up_on_cancel
 def convert_run(ctx: JobContext) -> RegisteredModel:
     from workers import convert
 
     params = ctx.params
-
-    def run() -> RegisteredModel:
-        work = job_work_dir(ctx)
-        checkpoint = _checkpoint_dir(ctx, work)
-        ctx.stage(JobStage.CONVERTING, unit="bytes")
-        converted = work / f"converted-{params['outtype']}{GGUF_SUFFIX}"
-        converted.unlink(missing_ok=True)  # left by an attempt whose worker died
-        with _as_job_outcomes(convert.ConversionCancelled, convert.ConversionError):
-            convert.convert_checkpoint(source_dir=checkpoint, out_path=converted, outtype=params["outtype"],
-                                       model_name=params["model_id"],
-                                       progress=lambda done, total, _stage: ctx.progress(done, total),
-                                       should_cancel=ctx.cancel_requested)
-        final = converted
-        if params.get("quantize"):
-            final = _quantize(ctx, converted, params["quantize"], work / f"quantized{GGUF_SUFFIX}")
-            converted.unlink(missing_ok=True)
-        model = _register(ctx, final, source=ModelSource.CONVERSION, hf_repo=params.get("repo_id") or "")
-        _remove_work_dir(ctx)
-        return model
-
-    return _cancellable(ctx, run)
+    work = job_work_dir(ctx)
+    checkpoint = _checkpoint_dir(ctx, work)
+    ctx.stage(JobStage.CONVERTING, unit="bytes")
+    converted = work / f"converted-{params['outtype']}{GGUF_SUFFIX}"
+    converted.unlink(missing_ok=True)  # left by an attempt whose worker died
+    with _as_job_outcomes(convert.ConversionCancelled, convert.ConversionError):
+        convert.convert_checkpoint(source_dir=checkpoint, out_path=converted, outtype=params["outtype"],
+                                   model_name=params["model_id"],
+                                   progress=lambda done, total, _stage: ctx.progress(done, total),
+                                   should_cancel=ctx.cancel_requested)
+    final = converted
+    if params.get("quantize"):
+        final = _quantize(ctx, converted, params["quantize"], work / f"quantized{GGUF_SUFFIX}")
+        converted.unlink(missing_ok=True)
+    model = _register(ctx, final, source=ModelSource.CONVERSION, hf_repo=params.get("repo_id") or "")
+    _remove_work_dir(ctx)
+    return model
 
 
+@_cleans_up_on_cancel
 def quantize_run(ctx: JobContext) -> RegisteredModel:
     params = ctx.params
-
-    def run() -> RegisteredModel:
-        parent = RegisteredModel.objects.filter(id=params["source_model"]).first()
-        if parent is None:
-            raise JobError(f"The model {params['source_model']!r} no longer exists")
-        source = model_path(parent)
-        if not source.is_file():
-            raise JobError(f"The file of {parent.id} is not in this node's models directory ({settings.MODELS_DIR})")
-        work = job_work_dir(ctx)
-        final = _quantize(ctx, source, params["qtype"], work / f"quantized{GGUF_SUFFIX}")
-        model = _register(ctx, final, source=ModelSource.CONVERSION, parent=parent)
-        _remove_work_dir(ctx)
-        return model
-
-    return _cancellable(ctx, run)
+    parent = RegisteredModel.objects.filter(id=params["source_model"]).first()
+    if parent is None:
+        raise JobError(f"The model {params['source_model']!r} no longer exists")
+    source = model_path(parent)
+    if not source.is_file():
+        raise JobError(f"The file of {parent.id} is not in this node's models directory ({settings.MODELS_DIR})")
+    final = _quantize(ctx, source, params["qtype"], job_work_dir(ctx) / f"quantized{GGUF_SUFFIX}")
+    model = _register(ctx, final, source=ModelSource.CONVERSION, parent=parent)
+    _remove_work_dir(ctx)
+    return model

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -60,18 +59,6 @@ def model_id_check(model_id: str) -> str:
     return model_id
 
 
-def sha256_file(path: Path, *, progress=None, chunk_size: int = 4 << 20) -> str:
-    digest = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done)
-    return digest.hexdigest()
-
-
 def gguf_facts(path: Path) -> dict:
     """The registry fields read from a GGUF file's header; ModelError when it is not a valid GGUF."""
     from apps.models.gguf import GGUFError, read_header, summarize
@@ -94,13 +81,14 @@ def gguf_facts(path: Path) -> dict:
 
 
 def model_register_file(*, model_id: str, source: str, path: Path, sha256: str, node=None, created_by=None,
-                        **origin) -> RegisteredModel:
+                        facts: dict | None = None, **origin) -> RegisteredModel:
     """Register a complete, verified GGUF file already at ``MODELS_DIR / <model_id>.gguf`` (or ``path``).
 
     ``origin``: hf_repo, hf_filename, hf_revision, parent. The file must already be where it
-    will stay; on a conflict the caller still owns it.
+    will stay; on a conflict the caller still owns it. ``facts``: ``gguf_facts(path)`` when the caller
+    already read them.
     """
-    facts = gguf_facts(path)
+    facts = facts or gguf_facts(path)
     try:
         with transaction.atomic():
             model = RegisteredModel.objects.create(id=model_id, source=source, file_name=path.name, sha256=sha256,

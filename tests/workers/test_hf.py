@@ -21,6 +21,7 @@ import pytest
 from tests.fakehub import FakeFile, FakeHub, FakeHubProcess, FakeRepo
 from workers import hf
 from workers.bundled import bundled_model_path
+from workers.files import sha256_file
 
 SMOL = "llmp-test/SmolLM2-135M-Instruct-GGUF"
 PRIVATE = "llmp-test/private-gguf"
@@ -94,7 +95,7 @@ def test_it_lists_a_repos_files_with_sizes_gguf_first_and_names_the_quantization
     model = files[0]
     assert model["size"] == gguf.stat().st_size
     assert model["is_gguf"] and model["quantization"] == "Q4_1"
-    assert model["sha256"] == hf.sha256_file(gguf)
+    assert model["sha256"] == sha256_file(gguf)
     assert files[1]["quantization"] == "Q8_0"
     assert files[2] == {"path": "README.md", "size": 15, "is_gguf": False, "quantization": None, "sha256": None}
 
@@ -128,7 +129,7 @@ def test_it_downloads_a_gguf_with_monotonic_progress_ending_at_the_total_and_the
 
     total = gguf.stat().st_size
     assert path == final
-    assert hf.sha256_file(path) == hf.sha256_file(gguf)
+    assert hf.sha256_file(path) == sha256_file(gguf)
     assert len(events) >= 4
     assert all(t == total for _, t in events)
     assert [d for d, _ in events] == sorted(d for d, _ in events)
@@ -158,7 +159,7 @@ def test_a_cancelled_download_keeps_its_partial_file_and_resumes_it_with_a_range
     gets = fake_hub.file_requests(SMOL, gguf.name)
     assert len(gets) == 1 and gets[0].headers["range"] == f"bytes={kept}-" and gets[0].status == 206
     assert resumed[0] == kept
-    assert hf.sha256_file(path) == hf.sha256_file(gguf)
+    assert hf.sha256_file(path) == sha256_file(gguf)
     assert partial_files(tmp_path) == []
 
 
@@ -186,7 +187,7 @@ def test_a_download_killed_with_sigkill_resumes_from_its_partial_file(fake_hub, 
 
     gets = fake_hub.file_requests(SMOL, gguf.name)
     assert [g.range_start for g in gets] == [kept]
-    assert hf.sha256_file(path) == hf.sha256_file(gguf)
+    assert hf.sha256_file(path) == sha256_file(gguf)
 
 
 def test_a_connection_dropped_mid_download_is_resumed_within_the_same_call(fake_hub, gguf, tmp_path):
@@ -196,7 +197,7 @@ def test_a_connection_dropped_mid_download_is_resumed_within_the_same_call(fake_
 
     starts = [g.range_start for g in fake_hub.file_requests(SMOL, gguf.name)]
     assert starts == [None, 40 * MB, 80 * MB]
-    assert hf.sha256_file(path) == hf.sha256_file(gguf)
+    assert hf.sha256_file(path) == sha256_file(gguf)
 
 
 def test_a_file_already_complete_is_verified_and_not_downloaded_again(fake_hub, gguf, tmp_path):

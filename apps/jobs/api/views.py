@@ -11,6 +11,7 @@ from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from apps.gateway.authentication import request_user
 from apps.jobs import events
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
@@ -52,18 +53,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return Response(JobSerializer(job).data)
 
 
-async def _request_user(request: HttpRequest):
-    """The user of a session or of a bearer API key; None when neither."""
-    from apps.gateway.selectors import api_key_check
-
-    scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and raw_key.strip():
-        check = await api_key_check(raw_key=raw_key.strip())
-        return check.key.user if check.key is not None else None
-    user = await request.auser()
-    return user if user.is_authenticated else None
-
-
 def _sse_frame(event: events.JobEvent) -> bytes:
     return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
@@ -71,7 +60,7 @@ def _sse_frame(event: events.JobEvent) -> bytes:
 async def job_events(request: HttpRequest, job_id: str):
     """Server-sent events of one job: its history (after ``Last-Event-ID`` when given), then live ones,
     until the job ends. For clients without WebSocket."""
-    user = await _request_user(request)
+    user = await request_user(request)
     if user is None:
         return JsonResponse({"error": "Authentication credentials were not provided."}, status=401)
     job = await sync_to_async(job_visible)(user=user, job_id=job_id)

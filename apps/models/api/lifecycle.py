@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from asgiref.sync import async_to_sync
 from django.core import signing
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -12,11 +13,12 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.gateway.authentication import request_user
 from apps.jobs.api.serializers import JobSerializer
 from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_download_start, model_quantize_start
 from apps.models.models import ModelCopy, ModelSource, RegisteredModel
 from apps.models.services import GGUF_SUFFIX, ModelError, model_path
-from apps.nodes.models import Node
+from apps.nodes.selectors import node_get
 from apps.nodes.services import node_models_unload
 from llmplatform.celery import app as celery_app
 
@@ -132,15 +134,10 @@ class QuantizeView(APIView):
             source_model=data["model"], qtype=data["qtype"], name=data.get("name"), node=data.get("node"), user=user))
 
 
-def _node_or_404(node: str) -> Node | None:
-    lookup = {"pk": int(node)} if node.isdigit() else {"name": node}
-    return Node.objects.filter(**lookup).first()
-
-
 class NodeCacheView(APIView):
     @extend_schema(summary="Models a node holds on disk and has loaded in memory", responses={200: dict, 404: dict})
     def get(self, request, node: str):
-        found = _node_or_404(node)
+        found = node_get(ref=node)
         if found is None:
             return _error(f"Node {node!r} not found", 404)
         held = [{"model": copy.model_id, "size_bytes": copy.size_bytes, "since": copy.created_at}
@@ -153,7 +150,7 @@ class NodeCacheUnloadView(APIView):
                    request={"application/json": {"type": "object", "properties": {
                        "models": {"type": "array", "items": {"type": "string"}}}}}, responses={202: dict, 404: dict})
     def post(self, request, node: str):
-        found = _node_or_404(node)
+        found = node_get(ref=node)
         if found is None:
             return _error(f"Node {node!r} not found", 404)
         models = request.data.get("models") if isinstance(request.data, dict) else None
@@ -167,7 +164,7 @@ class NodeCacheDeleteView(APIView):
     @extend_schema(summary="Delete a node's copy of a model (a node with its own cache, not the server's store)",
                    responses={202: dict, 400: dict, 404: dict})
     def delete(self, request, node: str, model: str):
-        found = _node_or_404(node)
+        found = node_get(ref=node)
         if found is None:
             return _error(f"Node {node!r} not found", 404)
         copy = ModelCopy.objects.filter(node=found, model_id=model).first()
@@ -199,7 +196,7 @@ def model_blob(request: HttpRequest, model_id: str) -> HttpResponse:
             return JsonResponse({"error": "Invalid or expired blob token"}, status=403)
         if claims.get("model") != model_id:
             return JsonResponse({"error": "The token is for another model"}, status=403)
-    elif not _authenticated(request):
+    elif async_to_sync(request_user)(request) is None:
         return JsonResponse({"error": "Authentication credentials were not provided."}, status=401)
     model = RegisteredModel.objects.filter(id=model_id, is_active=True).exclude(source=ModelSource.EXTERNAL).first()
     if model is None:
@@ -257,14 +254,3 @@ def _limited(handle, length: int, chunk_size: int = 1 << 20):
             yield chunk
     finally:
         handle.close()
-
-
-def _authenticated(request: HttpRequest) -> bool:
-    from asgiref.sync import async_to_sync
-
-    from apps.gateway.selectors import api_key_check
-
-    scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and raw_key.strip():
-        return async_to_sync(api_key_check)(raw_key=raw_key.strip()).key is not None
-    return request.user.is_authenticated

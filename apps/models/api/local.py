@@ -32,11 +32,11 @@ from apps.models.services import (
     model_id_for_file,
     model_path,
     model_register_file,
-    sha256_file,
 )
 from apps.models.uploads import FILE_FIELD, GGUFUploadHandler
 from apps.nodes.selectors import node_list_live
 from apps.nodes.services import node_models_unload
+from workers.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,10 @@ def model_by_name(name: str) -> RegisteredModel | None:
 
 def _unload_on_live_nodes(model_ids: list[str] | None) -> list[str]:
     """Every live node unloads ``model_ids`` (all when None) once their requests finish."""
-    nodes = node_list_live_sync()
+    nodes = list(node_list_live())
     for node in nodes:
         node_models_unload(node=node, model_ids=model_ids)
     return [node.name for node in nodes]
-
-
-def node_list_live_sync():
-    return list(node_list_live())
 
 
 class HealthView(APIView):
@@ -156,7 +152,7 @@ class ModelsView(APIView):
         if RegisteredModel.objects.filter(id=model_id).exists() or RegisteredModel.objects.filter(file_name=name).exists():
             return _error("File already exists", 409)
         try:
-            gguf_facts(received.path)  # the whole header, before anything else opens the file
+            facts = gguf_facts(received.path)  # the whole header, before the file goes where workers look
         except ModelError as exc:
             return _error(str(exc), 400)
         final = settings.MODELS_DIR / name
@@ -166,7 +162,7 @@ class ModelsView(APIView):
             return _error("File already exists", 409)
         try:
             model = model_register_file(model_id=model_id, source=ModelSource.UPLOAD, path=final, sha256=received.sha256,
-                                        created_by=request.user if request.user.is_authenticated else None)
+                                        facts=facts, created_by=request.user if request.user.is_authenticated else None)
         except ModelConflict:
             final.unlink(missing_ok=True)
             return _error("File already exists", 409)
@@ -339,7 +335,7 @@ class CacheStatusView(APIView):
     @extend_schema(summary="Models loaded in memory, across live nodes", responses={200: dict})
     def get(self, request):
         try:
-            by_node = {node.name: list(node.loaded_models) for node in node_list_live_sync()}
+            by_node = {node.name: list(node.loaded_models) for node in list(node_list_live())}
             ids = sorted({model_id for loaded in by_node.values() for model_id in loaded})
             names = {m.id: m.file_name or m.id for m in RegisteredModel.objects.filter(id__in=ids)}
             cached = [names.get(model_id, model_id) for model_id in ids]
