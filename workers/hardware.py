@@ -220,8 +220,3 @@ def hardware_snapshot(*, models_dir: str | os.PathLike | None = None, measure_ra
         "gpus": [gpu_from_nvml(readings) for readings in _nvml_readings()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
-
-
-def resident_memory_bytes() -> int:
-    """Resident memory of this process (weights mapped by llama.cpp count once they are read)."""
-    return int(psutil.Process().memory_info().rss)

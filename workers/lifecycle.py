@@ -46,7 +46,9 @@ class NodeLifecycle(bootsteps.StartStopStep):
 
     def _beat(self) -> None:
         """Every LLMP_HEARTBEAT_INTERVAL: mark the node alive and store a metrics sample."""
+        from apps.fit.services import measurement_record
         from apps.nodes.services import node_heartbeat_record
+        from workers import calibration
         from workers.metrics import metrics_sample
         from workers.node import loaded_model_ids, node_name, node_pool
 
@@ -57,6 +59,8 @@ class NodeLifecycle(bootsteps.StartStopStep):
                 loaded = loaded_model_ids()
                 sample = metrics_sample(loaded_models=loaded, requests_in_flight=node_pool().in_flight())
                 node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample)
+                for measured in calibration.drain():
+                    measurement_record(node_name=node_name(), **measured)
             except Exception:
                 logger.exception("heartbeat failed; retrying in %ss", settings.LLMP_HEARTBEAT_INTERVAL)
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from workers import protocol
+from workers import calibration, protocol
 from workers.bundled import BundledModelMissing, bundled_model_path
 from workers.generation import InferenceError, SamplingParams, generate
-from workers.hardware import resident_memory_bytes
 from workers.pool import ModelKey, ModelPool, PoolExhausted
 from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
 
@@ -70,22 +69,10 @@ def load_llama(key: ModelKey, config: NodeConfig) -> llama_cpp.Llama:
     if key.embedding:
         options.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
     logger.info("loading %s from %s (embedding=%s)", key.model_id, key.path, key.embedding)
-    resident_before = resident_memory_bytes()
     llm = llama_cpp.Llama(model_path=key.path, **options)
-    if not key.embedding:  # fit calibration: what loading this model at n_ctx cost
-        _record_fit_measurement(node_name=config.name, model_id=key.model_id,
-                                memory_bytes=resident_memory_bytes() - resident_before)
+    if not key.embedding:  # fit calibration: the bytes llama.cpp holds for the weights, on GPU or CPU
+        calibration.weights_measured(key.model_id, llama_cpp.llama_model_size(llm.model))
     return llm
-
-
-def _record_fit_measurement(**measurement) -> None:
-    """Hand a measurement to fit calibration (apps.fit), which writes it on a thread of its own."""
-    try:
-        from apps.fit.services import measurement_record_in_background
-
-        measurement_record_in_background(**measurement)
-    except Exception:
-        logger.warning("fit measurement %s not recorded", measurement, exc_info=True)
 
 
 def _embedding_result(llm: llama_cpp.Llama, inputs: list[str], encoding_format: str) -> dict:
@@ -156,8 +143,7 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         stream.emit(protocol.EVENT_DONE, {"finish_reason": result.finish_reason, "usage": usage})
         if result.completion_tokens >= 8 and decode_seconds > 0:  # fit calibration: decoding speed
-            _record_fit_measurement(node_name=config.name, model_id=model["id"],
-                                    tokens_per_second=(result.completion_tokens - 1) / decode_seconds)
+            calibration.speed_measured(model["id"], (result.completion_tokens - 1) / decode_seconds)
     except protocol.RequestCancelled:
         logger.info("request %s cancelled by its client after %d tokens", request_id, stream.tokens_emitted)
         stream.emit(protocol.EVENT_CANCELLED, {"tokens_emitted": stream.tokens_emitted, "at": time.time()})

@@ -395,11 +395,11 @@ def model_fit(model: ModelSpec, machine: Machine, *, context_limit: int | None,
     best = _best(_options(model, machine, context))
     required, mode, level, capacity = best.required, best.mode, best.level, best.capacity
     notes, measured = [], []
-    if measurement and measurement.memory_bytes:
-        required = int(measurement.memory_bytes)
+    if measurement and measurement.memory_bytes:  # measured weights, plus the modelled KV cache and overhead
+        required = int(measurement.memory_bytes) + best.required - best.weights
         mode, level, capacity = _place(required, machine)
         measured.append("memory")
-        notes.append("memory measured on this node when the worker loaded the model")
+        notes.append("weights measured on this node when the worker loaded the model")
     tps = _tokens_per_second(model, best.weights, best.kv, mode, machine)
     if measurement and measurement.tokens_per_second:
         tps = float(measurement.tokens_per_second)

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from apps.fit.models import FitMeasurement
@@ -18,9 +17,9 @@ def measurement_record(*, node_name: str, model_id: str, memory_bytes: int | Non
                        tokens_per_second: float | None = None) -> FitMeasurement | None:
     """Fold one measurement into the node's row for the model; None when the node is unknown.
 
-    Memory keeps the largest value seen (a second instance of a loaded model shares its mapped
-    weights, so it grows memory by less); speed is a running mean over the last
-    ``TPS_AVERAGE_WINDOW`` generations.
+    Memory is the bytes llama.cpp held for the model's weights when the worker last loaded it;
+    speed is a moving average that gives each new measurement a weight of at least
+    1/``TPS_AVERAGE_WINDOW``.
     """
     node = Node.objects.filter(name=node_name).first()
     if node is None:
@@ -29,7 +28,7 @@ def measurement_record(*, node_name: str, model_id: str, memory_bytes: int | Non
         row, _ = FitMeasurement.objects.select_for_update().get_or_create(
             node=node, model_id=model_id, defaults={"measured_at": timezone.now()})
         if memory_bytes is not None and memory_bytes > 0:
-            row.memory_bytes = max(row.memory_bytes or 0, int(memory_bytes))
+            row.memory_bytes = int(memory_bytes)
         if tokens_per_second is not None and tokens_per_second > 0:
             samples = min(row.tps_samples, TPS_AVERAGE_WINDOW - 1)
             row.tokens_per_second = ((row.tokens_per_second or 0.0) * samples + tokens_per_second) / (samples + 1)
@@ -37,19 +36,3 @@ def measurement_record(*, node_name: str, model_id: str, memory_bytes: int | Non
         row.measured_at = timezone.now()
         row.save()
     return row
-
-
-def measurement_record_in_background(**measurement) -> threading.Thread:
-    """Record a worker's measurement on a thread of its own, so no token ever waits on the database."""
-
-    def record() -> None:
-        try:
-            measurement_record(**measurement)
-        except Exception:
-            logger.exception("could not record fit measurement %s", measurement)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=record, name="fit-measurement", daemon=True)
-    thread.start()
-    return thread

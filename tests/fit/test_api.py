@@ -218,10 +218,12 @@ def test_a_measurement_turns_the_estimate_from_modelled_to_measured(api, gpu_nod
     measurement_record(node_name=gpu_node.name, model_id=registered.id, memory_bytes=6 * 2 ** 30)
     measurement_record(node_name=gpu_node.name, model_id=registered.id, tokens_per_second=80.0)
     measurement_record(node_name=gpu_node.name, model_id=registered.id, tokens_per_second=100.0,
-                       memory_bytes=5 * 2 ** 30)  # a second instance grows memory by less: the larger stays
+                       memory_bytes=5 * 2 ** 30)  # the weights as last loaded
     row = FitMeasurement.objects.get(node=gpu_node, model_id=registered.id)
-    assert (row.memory_bytes, row.tokens_per_second, row.tps_samples) == (6 * 2 ** 30, 90.0, 2)
+    assert (row.memory_bytes, row.tokens_per_second, row.tps_samples) == (5 * 2 ** 30, 90.0, 2)
     after = models(api, gpu_node, f"/{registered.id}")["models"][0]
     assert after["estimate_source"] == "measured" and after["measured"] == ["memory", "tps"]
-    assert (after["memory_required_gb"], after["estimated_tps"]) == (6.0, 90.0)
+    # measured weights (5 GiB) replace the file size (4e9 bytes); KV cache and overhead stay as modelled
+    assert after["memory_required_bytes"] == before["memory_required_bytes"] - 4_000_000_000 + 5 * 2 ** 30
+    assert after["estimated_tps"] == 90.0
     assert measurement_record(node_name="no-such-node", model_id=registered.id, memory_bytes=1) is None

@@ -134,9 +134,12 @@ def test_a_measurement_replaces_the_model_and_says_so():
     spec = model("meta-llama/Llama-3.1-8B-Instruct")
     fit = engine.model_fit(spec, machine("rtx4090"), context_limit=8192,
                            measurement=engine.Measurement(memory_bytes=22 * GIB, tokens_per_second=55.5))
-    # 22 GiB / 25,757,220,864 = 91.7 %: marginal
+    # measured weights replace the modelled ones; the KV cache and overhead stay modelled:
+    # 22 GiB + KV (32 layers x 8 kv heads x 128 x 2 (K, V) x 2 bytes x 8192 = 1 GiB) + 0.5 GiB overhead
+    # = 23.5 GiB = 25,232,932,864 bytes; / 25,757,220,864 = 98.0 %: marginal
     assert (fit["estimate_source"], fit["measured"]) == ("measured", ["memory", "tps"])
-    assert (fit["fit_level"], fit["estimated_tps"], fit["memory_required_gb"]) == ("marginal", 55.5, 22.0)
+    assert fit["memory_required_bytes"] == 22 * GIB + GIB + OVERHEAD == 25_232_932_864
+    assert (fit["fit_level"], fit["estimated_tps"], fit["memory_required_gb"]) == ("marginal", 55.5, 23.5)
 
 
 def test_a_registered_model_with_a_bare_header_is_still_analysed():
