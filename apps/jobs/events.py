@@ -94,6 +94,12 @@ def id_key(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+async def _group_send(groups: list[str], event: JobEvent) -> None:
+    layer = get_channel_layer()
+    for group in groups:
+        await layer.group_send(group, {"type": "job.event", "event": event})
+
+
 def _publish_now(payload: dict) -> JobEvent:
     encoded = json.dumps(payload, separators=(",", ":"))
     entry_id = events_redis().eval(_APPEND, 2, all_jobs_stream(), job_stream(payload["job"]),
@@ -102,10 +108,8 @@ def _publish_now(payload: dict) -> JobEvent:
     groups = [job_group(payload["job"]), STAFF_GROUP]
     if payload["owner"] is not None:
         groups.append(user_group(payload["owner"]))
-    layer = get_channel_layer()
     try:
-        for group in groups:
-            async_to_sync(layer.group_send)(group, {"type": "job.event", "event": event})
+        async_to_sync(_group_send)(groups, event)  # one event loop (and layer connection) for all groups
     except Exception:  # the durable streams have it; a reconnecting client will catch up
         logger.exception("could not send %s of job %s to the channel layer", payload["type"], payload["job"])
     return event

@@ -88,8 +88,7 @@ class JobContext:
                 if total_now and rate > 0:
                     eta = max(0.0, (total_now - done) / rate)
             self._rate_mark = (now, done)
-            fields = {"progress_done": done, "rate": rate, "eta_seconds": eta,
-                      "lease_expires_at": timezone.now() + timedelta(seconds=settings.LLMP_JOB_LEASE_SECONDS)}
+            fields = {"progress_done": done, "rate": rate, "eta_seconds": eta}
             if total is not None:
                 fields["progress_total"] = total
             self._save(**fields)
