@@ -5,7 +5,9 @@ A machine without an NVIDIA driver is a CPU-only node, never an error: ``gpus`` 
 
 NVML is read in two steps: ``_nvml_readings`` asks the driver for raw values (bytes, milliwatts,
 packed version integers) and ``gpu_from_nvml`` turns one GPU's raw readings into our snapshot
-entry. The second step is pure, so it is tested with readings recorded from real GPUs.
+entry. The second step is pure, so it is tested with readings recorded from real GPUs. Both the
+snapshot a worker registers with and the metrics sample of each heartbeat (``workers.metrics``)
+read GPUs through ``gpus_read``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import time
+from functools import cache
 from pathlib import Path
 
 import psutil
+import pynvml
 
 # Peak memory bandwidth (GB/s) of common GPUs, from vendor datasheets. Token generation is
 # bound by memory bandwidth, so this is the figure speed estimates rest on. Longest match wins,
@@ -41,9 +44,9 @@ GPU_MEMORY_BANDWIDTH_GBPS: dict[str, float] = {
     "GTX 1080 Ti": 484.0, "GTX 1080": 320.0, "GTX 1070": 256.0, "GTX 1660": 192.0,
 }
 
-# Typical sustained bandwidth (GB/s) of system RAM when no measurement was asked for:
-# a server socket with 8+ DDR5 channels, and a desktop or laptop with two channels. One core
-# streams only about 12 GB/s, so a machine (or VM) with few cores reaches less.
+# Typical sustained bandwidth (GB/s) of system RAM: a server socket with 8+ DDR5 channels, and a
+# desktop or laptop with two channels. One core streams only about 12 GB/s, so a machine (or VM)
+# with few cores reaches less.
 RAM_BANDWIDTH_TYPICAL_SERVER_GBPS = 200.0
 RAM_BANDWIDTH_TYPICAL_DESKTOP_GBPS = 60.0
 RAM_BANDWIDTH_PER_CORE_GBPS = 12.0
@@ -68,6 +71,10 @@ def cuda_version_text(packed: int | None) -> str | None:
     return f"{packed // 1000}.{(packed % 1000) // 10}"
 
 
+# The figures of a GPU that change from moment to moment: what a metrics sample keeps of each GPU.
+GPU_FIGURES = ("vram_used_bytes", "utilization_pct", "temperature_c", "power_w")
+
+
 def gpu_from_nvml(readings: dict) -> dict:
     """One GPU's snapshot entry from raw NVML readings; a reading the GPU refused is None.
 
@@ -77,7 +84,7 @@ def gpu_from_nvml(readings: dict) -> dict:
     int) and ``compute_capability`` (a (major, minor) pair).
     """
     name = _text(readings["name"])
-    memory = readings.get("memory") or {}
+    memory = readings.get("memory")
     capability = readings.get("compute_capability")
     power_mw = readings.get("power_mw")
     bandwidth = gpu_memory_bandwidth_gbps(name)
@@ -85,9 +92,9 @@ def gpu_from_nvml(readings: dict) -> dict:
     return {
         "index": int(readings["index"]),
         "name": name,
-        "vram_total_bytes": int(memory.get("total") or 0),
-        "vram_free_bytes": int(memory.get("free") or 0),
-        "vram_used_bytes": int(memory.get("used") or 0),
+        "vram_total_bytes": int(memory["total"]) if memory else 0,
+        "vram_free_bytes": int(memory["free"]) if memory else None,
+        "vram_used_bytes": int(memory["used"]) if memory else None,
         "utilization_pct": readings.get("utilization_gpu"),
         "temperature_c": readings.get("temperature"),
         "power_w": round(power_mw / 1000, 1) if power_mw is not None else None,
@@ -99,43 +106,58 @@ def gpu_from_nvml(readings: dict) -> dict:
     }
 
 
-def _nvml_readings() -> list[dict]:
-    """Raw readings of every GPU NVML sees; [] when there is no NVIDIA driver."""
+@cache
+def _nvml_ready() -> bool:
+    """Initialise NVML once per process (it stays up until the process ends); False without an NVIDIA driver."""
     try:
-        import pynvml
-
         pynvml.nvmlInit()
-    except Exception:
-        return []
+    except pynvml.NVMLError:
+        return False
+    return True
 
-    def read(call, *args):
-        try:
-            return call(*args)
-        except pynvml.NVMLError:  # e.g. power or temperature not supported by this board
-            return None
 
+def _read(call, *args):
     try:
-        driver = read(pynvml.nvmlSystemGetDriverVersion)
-        cuda = read(pynvml.nvmlSystemGetCudaDriverVersion)
-        readings = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = read(pynvml.nvmlDeviceGetMemoryInfo, handle)
-            utilization = read(pynvml.nvmlDeviceGetUtilizationRates, handle)
-            readings.append({
-                "index": index,
-                "name": pynvml.nvmlDeviceGetName(handle),
-                "memory": {"total": memory.total, "free": memory.free, "used": memory.used} if memory else None,
-                "utilization_gpu": utilization.gpu if utilization else None,
-                "temperature": read(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU),
-                "power_mw": read(pynvml.nvmlDeviceGetPowerUsage, handle),
-                "driver_version": driver,
-                "cuda_driver_version": cuda,
-                "compute_capability": read(pynvml.nvmlDeviceGetCudaComputeCapability, handle),
-            })
-        return readings
-    finally:
-        pynvml.nvmlShutdown()
+        return call(*args)
+    except pynvml.NVMLError:  # e.g. power or temperature not supported by this board
+        return None
+
+
+def _nvml_readings(index: int | None = None) -> list[dict]:
+    """Raw readings of every GPU NVML sees, or only of GPU ``index``; [] when there is no NVIDIA driver.
+
+    NVML numbers GPUs as the machine does and ignores CUDA_VISIBLE_DEVICES.
+    """
+    if not _nvml_ready():
+        return []
+    driver = _read(pynvml.nvmlSystemGetDriverVersion)
+    cuda = _read(pynvml.nvmlSystemGetCudaDriverVersion)
+    readings = []
+    for number in range(_read(pynvml.nvmlDeviceGetCount) or 0):
+        if index is not None and number != index:
+            continue
+        handle = _read(pynvml.nvmlDeviceGetHandleByIndex, number)
+        if handle is None:  # a GPU the driver lost: leave it out rather than fail the whole reading
+            continue
+        memory = _read(pynvml.nvmlDeviceGetMemoryInfo, handle)
+        utilization = _read(pynvml.nvmlDeviceGetUtilizationRates, handle)
+        readings.append({
+            "index": number,
+            "name": _read(pynvml.nvmlDeviceGetName, handle) or "NVIDIA GPU",
+            "memory": {"total": memory.total, "free": memory.free, "used": memory.used} if memory else None,
+            "utilization_gpu": utilization.gpu if utilization else None,
+            "temperature": _read(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU),
+            "power_mw": _read(pynvml.nvmlDeviceGetPowerUsage, handle),
+            "driver_version": driver,
+            "cuda_driver_version": cuda,
+            "compute_capability": _read(pynvml.nvmlDeviceGetCudaComputeCapability, handle),
+        })
+    return readings
+
+
+def gpus_read(*, index: int | None = None) -> list[dict]:
+    """This machine's NVIDIA GPUs as snapshot entries (see ``gpu_from_nvml``), or only GPU ``index``."""
+    return [gpu_from_nvml(readings) for readings in _nvml_readings(index)]
 
 
 def cpu_model_from_cpuinfo(text: str) -> str | None:
@@ -165,23 +187,6 @@ def ram_bandwidth_typical_gbps(cpu_model: str, cores: int) -> float:
     return min(platform_figure, RAM_BANDWIDTH_PER_CORE_GBPS * max(cores, 1))
 
 
-def ram_bandwidth_measured_gbps(*, size_bytes: int = 256 << 20, rounds: int = 3) -> float:
-    """Copy bandwidth of RAM (read + write bytes per second), best of ``rounds``; ~0.2 s.
-
-    One thread copying underestimates what llama.cpp's many threads reach, so this is a floor.
-    """
-    import numpy as np
-
-    source = np.ones(size_bytes // 8, dtype=np.float64)
-    target = np.empty_like(source)
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        np.copyto(target, source)
-        best = min(best, time.perf_counter() - started)
-    return round(2 * size_bytes / best / 1e9, 1)
-
-
 def disk_usage(path: str | os.PathLike | None) -> dict:
     """Free and total bytes of the filesystem holding ``path`` (None where it cannot be read)."""
     if path is None:
@@ -193,30 +198,27 @@ def disk_usage(path: str | os.PathLike | None) -> dict:
     return {"models_dir": str(path), "disk_total_bytes": int(usage.total), "disk_free_bytes": int(usage.free)}
 
 
-def hardware_snapshot(*, models_dir: str | os.PathLike | None = None, measure_ram_bandwidth: bool = False) -> dict:
+def hardware_snapshot(*, models_dir: str | os.PathLike | None = None) -> dict:
     """This machine's hardware as plain JSON values (the ``Node.hardware`` of its worker).
 
-    Keys: os, cpu_model, cpu_cores, cpu_threads, ram_total_bytes, ram_available_bytes,
-    ram_bandwidth_gbps with ram_bandwidth_source ("typical" or "measured"), models_dir,
+    Keys: os, arch (e.g. x86_64, aarch64), cpu_model, cpu_cores, cpu_threads, ram_total_bytes,
+    ram_available_bytes, ram_bandwidth_gbps with ram_bandwidth_source ("typical"), models_dir,
     disk_total_bytes, disk_free_bytes, gpus (see ``gpu_from_nvml``), cuda_visible_devices.
     """
     memory = psutil.virtual_memory()
     cpu_model = cpu_model_name()
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    if measure_ram_bandwidth:
-        bandwidth, bandwidth_source = ram_bandwidth_measured_gbps(), "measured"
-    else:
-        bandwidth, bandwidth_source = ram_bandwidth_typical_gbps(cpu_model, cores), "typical"
     return {
         "os": platform.system().lower(),
+        "arch": platform.machine(),
         "cpu_model": cpu_model,
         "cpu_cores": cores,
         "cpu_threads": psutil.cpu_count(logical=True),
         "ram_total_bytes": int(memory.total),
         "ram_available_bytes": int(memory.available),
-        "ram_bandwidth_gbps": bandwidth,
-        "ram_bandwidth_source": bandwidth_source,
+        "ram_bandwidth_gbps": ram_bandwidth_typical_gbps(cpu_model, cores),
+        "ram_bandwidth_source": "typical",
         **disk_usage(models_dir),
-        "gpus": [gpu_from_nvml(readings) for readings in _nvml_readings()],
+        "gpus": gpus_read(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }

@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 
+import psutil
 from celery import bootsteps
 from django.conf import settings
 from django.db import close_old_connections
@@ -50,14 +51,14 @@ class NodeLifecycle(bootsteps.StartStopStep):
         from apps.nodes.services import node_heartbeat_record
         from workers import calibration
         from workers.metrics import metrics_sample
-        from workers.node import loaded_model_ids, node_name, node_pool
+        from workers.node import gpu_index, loaded_model_ids, node_name, node_pool
 
-        metrics_sample(loaded_models=[], requests_in_flight=0)  # starts the CPU-use measurement
+        psutil.cpu_percent(interval=None)  # starts the CPU-use measurement the first sample reads
         while not self._stop.wait(settings.LLMP_HEARTBEAT_INTERVAL):
             try:
                 close_old_connections()
                 loaded = loaded_model_ids()
-                sample = metrics_sample(loaded_models=loaded, requests_in_flight=node_pool().in_flight())
+                sample = metrics_sample(requests_in_flight=node_pool().in_flight(), gpu_index=gpu_index())
                 node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample)
                 for measured in calibration.drain():
                     measurement_record(node_name=node_name(), **measured)

@@ -3,7 +3,7 @@
 A request leases one instance of a model; several instances ("slots") of one model may be
 loaded so that concurrent requests to it run side by side. Models are evicted least recently
 used first when a new one would exceed the number of models or the memory budget; a model
-with a request in flight is never evicted.
+with a request in flight is never evicted, and one asked to unload goes when its last request ends.
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ class _Entry:
     idle: list[Any] = field(default_factory=list)
     busy: int = 0
     loading: int = 0
+    unload_when_idle: bool = False
 
     @property
     def instances(self) -> int:
         return len(self.idle) + self.busy + self.loading
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.busy or self.loading)
 
 
 class PoolExhausted(RuntimeError):
@@ -58,28 +63,34 @@ class ModelPool:
         with self._cond:
             return sum(entry.busy + entry.loading for entry in self._entries.values())
 
-    def unload(self, model_ids: list[str] | None = None, *, timeout: float = 600.0) -> list[str]:
-        """Unload ``model_ids`` (every model when None) once their leases have ended.
+    def unload(self, model_ids: list[str] | None = None) -> list[str]:
+        """Unload ``model_ids`` (every model when None) without waiting for their requests.
 
-        Waits up to ``timeout`` seconds for each model's requests in flight to finish; a model
-        still busy after that stays loaded. Returns the ids that were unloaded.
+        A model with no request in flight is unloaded now; one still serving (or loading) is
+        unloaded as its last lease ends. Returns the ids unloaded now.
         """
-        deadline = time.monotonic() + timeout
-        unloaded: set[str] = set()
+        unloaded = []
         with self._cond:
-            while True:
-                wanted = [k for k in self._entries if model_ids is None or k.model_id in model_ids]
-                for key in wanted:
-                    entry = self._entries[key]
-                    if entry.busy == 0 and entry.loading == 0:
-                        for instance in self._entries.pop(key).idle:
-                            self._unloader(instance)
-                        unloaded.add(key.model_id)
-                still_busy = [key for key in wanted if key in self._entries]
-                remaining = deadline - time.monotonic()
-                if not still_busy or remaining <= 0:
-                    return sorted(unloaded)
-                self._cond.wait(remaining)
+            for key in [k for k in self._entries if model_ids is None or k.model_id in model_ids]:
+                entry = self._entries[key]
+                if entry.in_use:
+                    entry.unload_when_idle = True
+                else:
+                    self._drop(key)
+                    unloaded.append(key.model_id)
+            self._cond.notify_all()  # leases waiting for memory
+        return sorted(unloaded)
+
+    def _drop(self, key: ModelKey) -> None:
+        """Forget ``key`` and unload its instances; caller holds the lock and has checked none is in use."""
+        for instance in self._entries.pop(key).idle:
+            self._unloader(instance)
+
+    def _settle(self, key: ModelKey, entry: _Entry) -> None:
+        """After a lease or a load ends: drop an entry left empty or waiting to be unloaded; caller holds the lock."""
+        if not entry.in_use and (entry.unload_when_idle or not entry.idle):
+            self._drop(key)
+        self._cond.notify_all()  # leases waiting for an instance, a slot or memory
 
     def _used_bytes(self) -> int:
         return sum(entry.size_bytes for entry in self._entries.values())
@@ -87,11 +98,10 @@ class ModelPool:
     def _evict_for(self, size: int) -> bool:
         """Evict idle models (oldest first) until one more of ``size`` fits; caller holds the lock."""
         while len(self._entries) >= self.max_models or self._used_bytes() + size > self.memory_budget_bytes:
-            victim = next((k for k, e in self._entries.items() if e.busy == 0 and e.loading == 0), None)
+            victim = next((k for k, e in self._entries.items() if not e.in_use), None)
             if victim is None:
                 return False
-            for instance in self._entries.pop(victim).idle:
-                self._unloader(instance)
+            self._drop(victim)
         return True
 
     @contextmanager
@@ -130,9 +140,7 @@ class ModelPool:
             except BaseException:
                 with self._cond:
                     entry.loading -= 1
-                    if entry.instances == 0:
-                        self._entries.pop(key, None)
-                    self._cond.notify_all()
+                    self._settle(key, entry)
                 raise
             with self._cond:
                 entry.loading -= 1
@@ -143,4 +151,4 @@ class ModelPool:
             with self._cond:
                 entry.busy -= 1
                 entry.idle.append(instance)
-                self._cond.notify_all()
+                self._settle(key, entry)

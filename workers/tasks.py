@@ -31,7 +31,8 @@ def job_reap() -> int:
     return reap()
 
 
-# Sent to one node's queue (node.NAME): drain after a cordon, or free a model's memory.
+# Sent to one node's queue (node.NAME): drain after a cordon, or free a model's memory. Returns at
+# once: a model still serving requests is unloaded by the pool as its last one ends.
 @shared_task(name="workers.tasks.models_unload", ignore_result=True)
 def models_unload(model_ids: list[str] | None = None) -> list[str]:
     return node_pool().unload(model_ids)
@@ -39,7 +40,10 @@ def models_unload(model_ids: list[str] | None = None) -> list[str]:
 
 @shared_task(name="workers.tasks.model_copy_delete", ignore_result=True)
 def model_copy_delete(model_id: str) -> bool:
-    """Unload a model and delete this node's own copy of its file (never the server's store)."""
+    """Unload a model and delete this node's own copy of its file (never the server's store).
+
+    A request still using the model keeps the deleted file open until it ends, then the pool unloads it.
+    """
     from django.conf import settings
 
     from apps.models.models import RegisteredModel

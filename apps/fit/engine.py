@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -57,7 +56,6 @@ GPU_EFFICIENCY, CPU_EFFICIENCY = 0.6, 0.5
 UNKNOWN_GPU_BANDWIDTH_GBPS = 300.0
 SPEED_TARGET_TPS = 30.0
 
-FIT_LEVELS = ("perfect", "good", "marginal", "too_tight")
 FIT_RANK = {"too_tight": 0, "marginal": 1, "good": 2, "perfect": 3}
 FIT_LABELS = {"perfect": "Perfect", "good": "Good", "marginal": "Marginal", "too_tight": "Too Tight"}
 FIT_SCORE = {"perfect": 100.0, "good": 80.0, "marginal": 50.0, "too_tight": 0.0}
@@ -191,7 +189,7 @@ def _positive_int(value) -> int | None:
 
 def registered_model_spec(*, model_id: str, owned_by: str, architecture: str, parameter_count: int | None,
                           context_length: int | None, file_type: str, size_bytes: int, metadata: Mapping | None,
-                          release_date: str | None, embedding: bool = False) -> ModelSpec | None:
+                          release_date: str | None) -> ModelSpec | None:
     """A model registered on the platform, from its GGUF header fields; None without a file size.
 
     Missing header facts are tolerated: without layer/head counts the KV cache counts as 0
@@ -211,7 +209,7 @@ def registered_model_spec(*, model_id: str, owned_by: str, architecture: str, pa
     head_dim = _positive_int(metadata.get("key_length"))
     if head_dim is None and heads and _positive_int(metadata.get("embedding_length")):
         head_dim = int(metadata["embedding_length"]) // heads
-    is_embedding = embedding or "embed" in model_id.lower() or architecture in ("bert", "nomic-bert")
+    is_embedding = "embed" in model_id.lower() or architecture in ("bert", "nomic-bert")
     return ModelSpec(
         name=model_id, provider=owned_by or "llmplatform", parameter_count=parameters, active_parameters=None,
         context_length=_positive_int(context_length) or 2048,
@@ -250,22 +248,17 @@ def machine_from_hardware(*, name: str, hardware: Mapping, gpu_index: int | None
     for raw in hardware.get("gpus") or []:
         if gpu_index is not None and raw.get("index") != gpu_index:
             continue
-        bandwidth = raw.get("memory_bandwidth_gbps")
-        if bandwidth is None:
-            from workers.hardware import gpu_memory_bandwidth_gbps
-
-            bandwidth = gpu_memory_bandwidth_gbps(raw.get("name") or "")
         gpus.append(Gpu(index=int(raw.get("index") or 0), name=raw.get("name") or "GPU",
                         vram_bytes=int(raw.get("vram_total_bytes") or 0), vram_free_bytes=raw.get("vram_free_bytes"),
-                        bandwidth_gbps=bandwidth, extra=raw))
+                        bandwidth_gbps=raw.get("memory_bandwidth_gbps"), extra=raw))
     if memory_bytes is not None:
         first = gpus[0] if gpus else None
         gpus = [Gpu(index=first.index if first else 0, name=first.name if first else "GPU (--memory)",
                     vram_bytes=memory_bytes, vram_free_bytes=None,
                     bandwidth_gbps=first.bandwidth_gbps if first else None, extra=first.extra if first else {})]
-    cpu_name = hardware.get("cpu_model") or platform.machine()
     return Machine(
-        name=name, os=hardware.get("os") or "linux", cpu_name=cpu_name, cpu_cores=hardware.get("cpu_cores"),
+        name=name, os=hardware.get("os") or "linux", cpu_name=hardware.get("cpu_model") or hardware.get("arch") or "CPU",
+        cpu_cores=hardware.get("cpu_cores"),
         ram_bytes=int(hardware.get("ram_total_bytes") or 0),
         ram_available_bytes=int(hardware.get("ram_available_bytes") or 0),
         ram_bandwidth_gbps=float(hardware.get("ram_bandwidth_gbps") or 60.0), gpus=tuple(gpus),
@@ -281,7 +274,7 @@ def system_json(machine: Machine) -> dict:
     """llmfit's system object, plus what our hardware snapshot knows beyond it."""
     hw = machine.hardware
     first = machine.gpus[0] if machine.gpus else None
-    arch = "ARM" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
+    arch = "ARM" if str(hw.get("arch") or "").lower() in ("aarch64", "arm64") else "x86"
     return {
         "total_ram_gb": _gb(machine.ram_bytes),
         "available_ram_gb": _gb(machine.ram_available_bytes),
@@ -629,10 +622,3 @@ def with_models(models: Iterable[ModelSpec], extra: Iterable[ModelSpec]) -> list
 def envelope(*, node: dict, machine: Machine, total: int, rows: list[dict], query: FitQuery) -> dict:
     return {"node": node, "system": system_json(machine), "total_models": total, "returned_models": len(rows),
             "filters": query.filters_json(), "models": rows}
-
-
-__all__ = [
-    "FIT_LEVELS", "FitQuery", "FitQueryError", "Machine", "Measurement", "ModelSpec", "catalog_models",
-    "envelope", "fit_rows", "kv_cache_bytes", "machine_from_hardware", "model_fit", "parse_memory_size",
-    "parse_query", "registered_model_spec", "system_json", "with_models",
-]

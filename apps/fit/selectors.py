@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.conf import settings
 
 from apps.fit import engine
 from apps.fit.models import FitMeasurement
-from apps.models.models import ModelSource, RegisteredModel
+from apps.models.models import RegisteredModel
+from apps.models.selectors import model_list_active
 from apps.nodes.models import Node
 
 
@@ -15,29 +18,20 @@ def fit_default_context() -> int:
     return settings.LLMP_N_CTX
 
 
-def node_get(*, ref: str) -> Node | None:
-    """A node by name, or by numeric id when no node has that name."""
-    node = Node.objects.filter(name=ref).first()
-    if node is None and ref.isdigit():
-        node = Node.objects.filter(pk=int(ref)).first()
-    return node
-
-
 def registered_model_spec(model: RegisteredModel) -> engine.ModelSpec | None:
     """Fit facts of a registered local model from its GGUF header fields (any of them may be empty)."""
-    if model.source == ModelSource.EXTERNAL:
+    if model.is_external:
         return None
-    created = getattr(model, "created_at", None)
     return engine.registered_model_spec(
-        model_id=model.id, owned_by=model.owned_by, architecture=getattr(model, "architecture", "") or "",
-        parameter_count=getattr(model, "parameter_count", None), context_length=getattr(model, "context_length", None),
-        file_type=getattr(model, "file_type", "") or "", size_bytes=model.size_bytes or 0,
-        metadata=getattr(model, "metadata", None) or {}, release_date=created.date().isoformat() if created else None,
+        model_id=model.id, owned_by=model.owned_by, architecture=model.architecture,
+        parameter_count=model.parameter_count, context_length=model.context_length, file_type=model.file_type,
+        size_bytes=model.size_bytes or 0, metadata=model.metadata,
+        release_date=model.created_at.date().isoformat() if model.created_at else None,
     )
 
 
 def registered_model_specs() -> list[engine.ModelSpec]:
-    specs = (registered_model_spec(model) for model in RegisteredModel.objects.filter(is_active=True))
+    specs = (registered_model_spec(model) for model in model_list_active())
     return [spec for spec in specs if spec is not None]
 
 
@@ -57,7 +51,7 @@ def node_machine(*, node: Node) -> engine.Machine:
 
 def node_identity(node: Node) -> dict:
     return {"name": node.name, "os": (node.hardware or {}).get("os", "linux"), "id": node.pk,
-            "hostname": node.hostname, "gpu_index": node.gpu_index, "status": getattr(node, "status", None)}
+            "hostname": node.hostname, "gpu_index": node.gpu_index, "status": node.status}
 
 
 def node_system(*, node: Node) -> dict:
@@ -115,17 +109,29 @@ def fit_matrix(*, query: engine.FitQuery, node_names: list[str] | None = None) -
             "returned_models": len(returned), "filters": query.filters_json(), "models": returned}
 
 
-def fit_level(*, node: Node, model: RegisteredModel) -> str | None:
-    """How well a registered model fits a node (perfect|good|marginal|too_tight), None if unknown.
+def fit_levels(*, model: RegisteredModel, nodes: Iterable[Node]) -> dict[int, str | None]:
+    """How well a registered model fits each node (perfect|good|marginal|too_tight), by node id.
 
-    Cheap enough for every placement decision: no network, the catalog is not read, one query
-    for a measurement.
+    None where it cannot be told: an external model, a model without a file size, a node that
+    has not reported its RAM. One query for every node's measurement; no network, no catalog.
     """
+    nodes = list(nodes)
     spec = registered_model_spec(model)
-    if spec is None or not (node.hardware or {}).get("ram_total_bytes"):
-        return None
-    row = FitMeasurement.objects.filter(node=node, model_id=model.id).first()
-    measurement = engine.Measurement(row.memory_bytes, row.tokens_per_second) if row else None
-    fit = engine.model_fit(spec, node_machine(node=node), context_limit=fit_default_context(),
-                           measurement=measurement)
-    return fit["fit_level"]
+    if spec is None:
+        return {node.pk: None for node in nodes}
+    measurements = {row.node_id: engine.Measurement(row.memory_bytes, row.tokens_per_second)
+                    for row in FitMeasurement.objects.filter(model_id=model.id, node_id__in=[node.pk for node in nodes])}
+    levels: dict[int, str | None] = {}
+    for node in nodes:
+        if not (node.hardware or {}).get("ram_total_bytes"):
+            levels[node.pk] = None
+            continue
+        fit = engine.model_fit(spec, node_machine(node=node), context_limit=fit_default_context(),
+                               measurement=measurements.get(node.pk))
+        levels[node.pk] = fit["fit_level"]
+    return levels
+
+
+def fit_level(*, node: Node, model: RegisteredModel) -> str | None:
+    """How well a registered model fits one node (see ``fit_levels``)."""
+    return fit_levels(model=model, nodes=[node])[node.pk]

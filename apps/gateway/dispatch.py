@@ -11,11 +11,13 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from apps.fit.selectors import fit_levels
 from apps.gateway.errors import OpenAIError, no_worker
 from apps.models.models import ModelCopy, RegisteredModel
 from apps.nodes.models import Node, NodeStatus
@@ -63,7 +65,14 @@ def _inflight_horizon() -> float:
     return time.time() - settings.LLMP_QUEUE_TIMEOUT - settings.LLMP_FIRST_TOKEN_TIMEOUT
 
 
-async def node_pick(model: RegisteredModel) -> Node:
+class Placement(NamedTuple):
+    """The node chosen to serve a request, and why (kept in the request history)."""
+
+    node: Node
+    reason: str
+
+
+async def node_pick(model: RegisteredModel) -> Placement:
     """The live node to serve ``model`` (see ``node_choose``)."""
     nodes = [node async for node in node_list_live()]
     if not nodes:
@@ -77,32 +86,8 @@ _FIT_RANK = {"perfect": 0, "good": 1, "marginal": 2}
 TOO_TIGHT = "too_tight"
 
 
-def _fit_levels_compute(model: RegisteredModel, nodes: list[Node]) -> dict[int, str | None]:
-    """Fit levels the heartbeats have not cached yet (a model registered since); None when unknown."""
-    try:
-        from apps.fit.selectors import fit_level
-    except ImportError:
-        return {node.pk: None for node in nodes}
-    levels = {}
-    for node in nodes:
-        try:
-            levels[node.pk] = fit_level(node=node, model=model)
-        except Exception:
-            logger.exception("fit level of %s on node %s failed; treating it as unknown", model.id, node.name)
-            levels[node.pk] = None
-    return levels
-
-
-async def _fit_levels(model: RegisteredModel, nodes: list[Node]) -> dict[int, str | None]:
-    levels = {node.pk: node.fit_levels[model.id] for node in nodes if model.id in node.fit_levels}
-    missing = [node for node in nodes if node.pk not in levels]
-    if missing:
-        levels.update(await sync_to_async(_fit_levels_compute)(model, missing))
-    return levels
-
-
-async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Node:
-    """Of the live ``nodes``, the one to serve ``model``; ``node.placement_reason`` says why.
+async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
+    """Of the live ``nodes``, the one to serve ``model``, with the reason for choosing it.
 
     Cordoned nodes (or nodes on a cordoned GPU) are skipped. Degraded nodes are used only when
     no online node can take the request. Among the rest: a node holding the model loaded, least
@@ -126,7 +111,7 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Node:
         node = min(warm, key=lambda node: (busy[node.name], node.name))
         return _placed(model, node, f"model loaded, {busy[node.name]} in flight", skipped)
 
-    fits = await _fit_levels(model, open_nodes)
+    fits = await sync_to_async(fit_levels)(model=model, nodes=open_nodes)
     candidates = [node for node in open_nodes if fits[node.pk] != TOO_TIGHT or model.id in node.loaded_models]
     skipped += [f"{node.name} too_tight" for node in open_nodes if node not in candidates]
     if not candidates:
@@ -153,12 +138,11 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Node:
     return _placed(model, node, reason, skipped)
 
 
-def _placed(model: RegisteredModel, node: Node, reason: str, skipped: list[str]) -> Node:
+def _placed(model: RegisteredModel, node: Node, reason: str, skipped: list[str]) -> Placement:
     if skipped:
         reason = f"{reason}; {'; '.join(skipped)}"
-    node.placement_reason = reason[:255]
     logger.info("placement: %s on %s: %s", model.id, node.name, reason)
-    return node
+    return Placement(node, reason[:255])
 
 
 async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> None:

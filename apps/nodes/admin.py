@@ -22,8 +22,7 @@ class NodeAdmin(admin.ModelAdmin):
                     "last_heartbeat")
     list_filter = (NodeStatusFilter, "cordoned")
     search_fields = ("name", "hostname")
-    readonly_fields = ("started_at", "last_heartbeat", "created_at", "loaded_models", "hardware", "fit_levels",
-                       "fit_levels_at")
+    readonly_fields = ("started_at", "last_heartbeat", "created_at", "loaded_models", "hardware")
     actions = ["cordon", "uncordon", "drain"]
 
     def get_queryset(self, request):

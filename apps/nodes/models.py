@@ -47,9 +47,6 @@ class Node(models.Model):
     # Maintenance: a cordoned node, or one using a cordoned GPU, gets no new requests.
     cordoned = models.BooleanField(default=False)
     cordoned_gpus = models.JSONField(default=list, blank=True, help_text="Indexes of this node's cordoned GPUs.")
-    # {model id: perfect|good|marginal|too_tight|null}, refreshed with heartbeats, read by placement.
-    fit_levels = models.JSONField(default=dict, blank=True)
-    fit_levels_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]

@@ -7,8 +7,7 @@ from django.db.models import Case, CharField, QuerySet, Value, When
 from django.utils import timezone
 
 from apps.nodes.models import Node, NodeMetric, NodeStatus, node_status_thresholds
-
-GPU_FIGURES = ("vram_used_bytes", "utilization_pct", "temperature_c", "power_w")
+from workers.hardware import GPU_FIGURES
 
 
 def node_list_live() -> QuerySet[Node]:

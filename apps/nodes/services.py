@@ -12,8 +12,6 @@ from apps.nodes.models import Node, NodeMetric, node_queue_name
 logger = logging.getLogger(__name__)
 
 MODELS_UNLOAD_TASK = "workers.tasks.models_unload"
-# How often a heartbeat recomputes the node's fit for every registered model (placement reads it).
-FIT_REFRESH_SECONDS = 60.0
 
 
 class NodeMaintenanceError(Exception):
@@ -36,7 +34,6 @@ def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: 
             "loaded_models": [],
             "started_at": now,
             "last_heartbeat": now,
-            "fit_levels_at": None,  # the hardware may have changed: refit on the first heartbeat
         },
     )
     return node
@@ -48,37 +45,15 @@ def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict 
     Re-creates nothing: a node deleted by an operator stays deleted until its worker restarts.
     """
     now = timezone.now()
-    if not Node.objects.filter(name=name).update(last_heartbeat=now, loaded_models=loaded_models):
+    node_id = Node.objects.filter(name=name).values_list("pk", flat=True).first()
+    if node_id is None or not Node.objects.filter(pk=node_id).update(last_heartbeat=now, loaded_models=loaded_models):
         return
-    node = Node.objects.get(name=name)
     if metrics is not None:
         gpus = [gpu for gpu in metrics.get("gpus") or [] if isinstance(gpu, dict)]
         NodeMetric.objects.create(
-            node=node, recorded_at=now, cpu_pct=metrics.get("cpu_pct"), ram_used_bytes=metrics.get("ram_used_bytes"),
-            ram_available_bytes=metrics.get("ram_available_bytes"),
+            node_id=node_id, recorded_at=now, cpu_pct=metrics.get("cpu_pct"),
+            ram_used_bytes=metrics.get("ram_used_bytes"), ram_available_bytes=metrics.get("ram_available_bytes"),
             requests_in_flight=metrics.get("requests_in_flight") or 0, loaded_models=loaded_models, gpus=gpus)
-    if node.fit_levels_at is None or now - node.fit_levels_at >= timedelta(seconds=FIT_REFRESH_SECONDS):
-        node_fit_levels_refresh(node=node)
-
-
-def node_fit_levels_refresh(*, node: Node) -> dict[str, str | None]:
-    """Recompute and store the node's fit level for every active local model."""
-    from apps.models.models import ModelSource, RegisteredModel
-
-    levels = {}
-    try:
-        from apps.fit.selectors import fit_level
-    except ImportError as exc:  # no fit analysis: placement treats every fit as unknown
-        logger.warning("fit levels of node %s unknown: %s", node.name, exc)
-    else:
-        for model in RegisteredModel.objects.filter(is_active=True).exclude(source=ModelSource.EXTERNAL):
-            try:
-                levels[model.id] = fit_level(node=node, model=model)
-            except Exception:
-                logger.exception("fit level of %s on node %s failed; treating it as unknown", model.id, node.name)
-                levels[model.id] = None
-    Node.objects.filter(pk=node.pk).update(fit_levels=levels, fit_levels_at=timezone.now())
-    return levels
 
 
 def node_mark_offline(*, name: str) -> None:

@@ -151,3 +151,11 @@ def test_a_registered_model_with_a_bare_header_is_still_analysed():
     fit = engine.model_fit(spec, machine("rtx4090"), context_limit=4096)
     assert fit["memory_required_bytes"] == 5_000_000_000 + OVERHEAD
     assert any("KV cache not counted" in note for note in fit["notes"])
+
+
+def test_a_nodes_architecture_comes_from_its_own_hardware_not_the_servers():
+    arm = {**snapshot("laptop16"), "arch": "aarch64", "cpu_model": ""}
+    system = engine.system_json(engine.machine_from_hardware(name="arm", hardware=arm))
+    assert (system["backend"], system["cpu_name"]) == ("CPU (ARM)", "aarch64")
+    x86 = engine.system_json(engine.machine_from_hardware(name="x86", hardware={**arm, "arch": "x86_64"}))
+    assert x86["backend"] == "CPU (x86)"

@@ -32,7 +32,7 @@ def _busy(node: str, *request_ages: float) -> None:
 
 def _pick(model, *names: str) -> str:
     nodes = list(Node.objects.filter(name__in=names))  # fresh rows: loaded models as last reported
-    return asyncio.run(node_choose(model, nodes)).name
+    return asyncio.run(node_choose(model, nodes)).node.name
 
 
 def test_a_node_that_has_the_model_loaded_is_preferred_even_when_busier(model):

@@ -11,6 +11,8 @@ from django.utils import timezone
 from apps.nodes.models import NodeMetric
 from apps.nodes.tasks import node_metrics_prune
 from llmplatform import devstack
+from workers import hardware
+from workers.metrics import metrics_sample
 
 
 def test_every_heartbeat_of_a_real_worker_stores_a_metrics_sample(platform, member):
@@ -25,6 +27,16 @@ def test_every_heartbeat_of_a_real_worker_stores_a_metrics_sample(platform, memb
     history = member.get(f"/api/v1/nodes/{platform.node}/metrics/", params={"minutes": 5, "step": 60}).json()
     assert history["node"] == platform.node and history["buckets"]
     assert sum(bucket["samples"] for bucket in history["buckets"]) >= 2
+
+
+def test_a_node_pinned_to_one_gpu_samples_only_that_gpu():
+    every = [gpu["index"] for gpu in hardware.gpus_read()]
+    assert [gpu["index"] for gpu in metrics_sample(requests_in_flight=0, gpu_index=None)["gpus"]] == every
+    pinned = every[-1] if every else 0
+    sample = metrics_sample(requests_in_flight=2, gpu_index=pinned)
+    assert [gpu["index"] for gpu in sample["gpus"]] == ([pinned] if every else [])
+    assert all(set(gpu) == {"index", *hardware.GPU_FIGURES} for gpu in sample["gpus"])
+    assert sample["requests_in_flight"] == 2 and sample["ram_available_bytes"] > 0
 
 
 def _at(moment: float) -> datetime:

@@ -13,24 +13,38 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
-from apps.gateway.dispatch import _inflight_key, node_choose
+from apps.fit.models import FitMeasurement
+from apps.fit.selectors import fit_level, fit_levels
+from apps.gateway.dispatch import Placement, _inflight_key, node_choose
 from apps.gateway.errors import OpenAIError
 from apps.models.models import ModelCopy, RegisteredModel
 from apps.nodes.models import Node
 from apps.nodes.services import node_cordon, node_heartbeat_record
-from llmplatform import devstack
+
+GIB = 1024 ** 3
+# The model below needs its 0.5 GiB file plus 0.5 GiB of runtime overhead (no KV cache: its
+# header has no layer counts), 1 GiB in all. Hardware on which that fits at each level:
+FITTING_HARDWARE = {
+    "perfect": {"ram_total_bytes": 4 * GIB, "gpus": [{"index": 0, "name": "GPU", "vram_total_bytes": 2 * GIB}]},
+    "good": {"ram_total_bytes": 2 * GIB},  # 50 % of RAM
+    "marginal": {"ram_total_bytes": GIB * 5 // 4},  # 80 % of RAM
+    "too_tight": {"ram_total_bytes": GIB},  # all of RAM
+    None: {},  # no hardware reported: fit unknown
+}
 
 
 @pytest.fixture
 def model() -> RegisteredModel:
-    model = RegisteredModel.objects.create(id=f"place-{uuid.uuid4().hex[:8]}", source="upload", file_name="x.gguf")
+    model = RegisteredModel.objects.create(id=f"place-{uuid.uuid4().hex[:8]}", source="upload", file_name="x.gguf",
+                                           size_bytes=GIB // 2, file_type="Q4_K_M")
     yield model
     model.delete()
 
 
 def _fit(node: Node, model: RegisteredModel, level: str | None) -> None:
-    """What the node's heartbeat would have cached from the fit analysis."""
-    Node.objects.filter(pk=node.pk).update(fit_levels={model.id: level}, fit_levels_at=timezone.now())
+    """Give the node hardware, as its worker would report it, on which ``model`` fits at ``level``."""
+    Node.objects.filter(pk=node.pk).update(hardware=FITTING_HARDWARE[level])
+    assert fit_level(node=Node.objects.get(pk=node.pk), model=model) == level
 
 
 def _busy(node: Node, count: int) -> None:
@@ -38,7 +52,7 @@ def _busy(node: Node, count: int) -> None:
                                                    {uuid.uuid4().hex: time.time() for _ in range(count)})
 
 
-def _choose(model: RegisteredModel, *nodes: Node) -> Node:
+def _choose(model: RegisteredModel, *nodes: Node) -> Placement:
     fresh = list(Node.objects.filter(pk__in=[node.pk for node in nodes]))  # as node_list_live reads them
     return asyncio.run(node_choose(model, fresh))
 
@@ -48,8 +62,8 @@ def test_a_cordoned_node_gets_no_request_even_with_the_model_loaded(model, make_
     node_heartbeat_record(name=warm.name, loaded_models=[model.id])
     node_cordon(node=warm)
     chosen = _choose(model, warm, cold)
-    assert chosen.name == cold.name
-    assert f"{warm.name} cordoned" in chosen.placement_reason
+    assert chosen.node.name == cold.name
+    assert f"{warm.name} cordoned" in chosen.reason
 
 
 def test_a_node_computing_on_a_cordoned_gpu_gets_no_request(model, make_node):
@@ -57,7 +71,7 @@ def test_a_node_computing_on_a_cordoned_gpu_gets_no_request(model, make_node):
     other = make_node("other")
     node_heartbeat_record(name=spans.name, loaded_models=[model.id])
     node_cordon(node=spans, gpus=[1])
-    assert _choose(model, spans, other).name == other.name
+    assert _choose(model, spans, other).node.name == other.name
 
 
 def test_when_every_live_node_is_cordoned_the_request_gets_no_worker(model, make_node):
@@ -74,9 +88,9 @@ def test_a_node_the_model_is_too_tight_on_is_skipped_even_when_idle(model, make_
     _fit(roomy, model, "marginal")
     _busy(roomy, 2)
     chosen = _choose(model, tight, roomy)
-    assert chosen.name == roomy.name
-    assert chosen.placement_reason.startswith("fit marginal, file not on node, 2 in flight")
-    assert f"{tight.name} too_tight" in chosen.placement_reason
+    assert chosen.node.name == roomy.name
+    assert chosen.reason.startswith("fit marginal, file not on node, 2 in flight")
+    assert f"{tight.name} too_tight" in chosen.reason
 
 
 def test_when_the_model_is_too_tight_everywhere_the_least_busy_node_still_tries(model, make_node):
@@ -85,7 +99,7 @@ def test_when_the_model_is_too_tight_everywhere_the_least_busy_node_still_tries(
     _fit(second, model, "too_tight")
     _busy(first, 1)
     chosen = _choose(model, first, second)
-    assert chosen.name == second.name and "every node too_tight" in chosen.placement_reason
+    assert chosen.node.name == second.name and "every node too_tight" in chosen.reason
 
 
 def test_a_node_that_already_holds_the_file_is_preferred_over_a_less_busy_one(model, make_node):
@@ -95,7 +109,7 @@ def test_a_node_that_already_holds_the_file_is_preferred_over_a_less_busy_one(mo
     ModelCopy.objects.create(model=model, node=holder)
     _busy(holder, 1)
     chosen = _choose(model, bare, holder)
-    assert chosen.name == holder.name and chosen.placement_reason.startswith("fit good, file on node, 1 in flight")
+    assert chosen.node.name == holder.name and chosen.reason.startswith("fit good, file on node, 1 in flight")
 
 
 def test_a_known_fit_is_preferred_over_an_unknown_one(model, make_node):
@@ -103,14 +117,15 @@ def test_a_known_fit_is_preferred_over_an_unknown_one(model, make_node):
     _fit(unknown, model, None)
     _fit(known, model, "good")
     _busy(known, 3)
-    assert _choose(model, unknown, known).name == known.name
+    assert _choose(model, unknown, known).node.name == known.name
 
 
 def test_the_better_fit_breaks_a_tie_in_load(model, make_node):
     snug, perfect = make_node("snug"), make_node("perfect")
     _fit(snug, model, "marginal")
     _fit(perfect, model, "perfect")
-    assert _choose(model, snug, perfect).name == perfect.name
+    chosen = _choose(model, snug, perfect)
+    assert chosen.node.name == perfect.name and chosen.reason.startswith("fit perfect, file not on node, 0 in flight")
 
 
 def test_a_degraded_node_serves_only_when_no_online_node_can(model, make_node):
@@ -119,10 +134,10 @@ def test_a_degraded_node_serves_only_when_no_online_node_can(model, make_node):
     Node.objects.filter(pk=degraded.pk).update(
         last_heartbeat=timezone.now() - timedelta(seconds=settings.LLMP_NODE_DEGRADED_SECONDS + 5))
     _fit(online, model, "good")
-    assert _choose(model, degraded, online).name == online.name
+    assert _choose(model, degraded, online).node.name == online.name
     _fit(online, model, "too_tight")
     chosen = _choose(model, degraded, online)
-    assert chosen.name == degraded.name and "no online node: using a degraded one" in chosen.placement_reason
+    assert chosen.node.name == degraded.name and "no online node: using a degraded one" in chosen.reason
 
 
 def test_the_choice_and_its_reason_are_logged(model, make_node, caplog):
@@ -133,9 +148,26 @@ def test_the_choice_and_its_reason_are_logged(model, make_node, caplog):
     assert f"placement: {model.id} on {warm.name}: model loaded, 0 in flight" in caplog.text
 
 
-def test_heartbeats_cache_the_nodes_fit_for_each_registered_model(platform, model_id):
-    devstack.wait_until(lambda: model_id in Node.objects.get(name=platform.node).fit_levels, timeout=15,
-                        what="the fit levels cached by a heartbeat")
+def test_a_memory_need_measured_on_the_node_outweighs_the_modelled_fit(model, make_node):
+    measured, modelled = make_node("measured"), make_node("modelled")
+    _fit(measured, model, "perfect")
+    _fit(modelled, model, "marginal")
+    FitMeasurement.objects.create(node=measured, model_id=model.id, memory_bytes=8 * GIB, measured_at=timezone.now())
+    assert fit_level(node=Node.objects.get(pk=measured.pk), model=model) == "too_tight"
+    chosen = _choose(model, measured, modelled)
+    assert chosen.node.name == modelled.name and f"{measured.name} too_tight" in chosen.reason
+
+
+def test_fit_levels_of_many_nodes_are_each_nodes_own_fit(model, make_node):
+    nodes = {level: make_node("many") for level in FITTING_HARDWARE}
+    for level, node in nodes.items():
+        _fit(node, model, level)
+    fresh = list(Node.objects.filter(pk__in=[node.pk for node in nodes.values()]))
+    assert fit_levels(model=model, nodes=fresh) == {node.pk: level for level, node in nodes.items()}
+
+
+def test_a_real_worker_nodes_reported_hardware_fits_the_bundled_model(platform, model_id):
     node = Node.objects.get(name=platform.node)
-    assert node.fit_levels[model_id] in {"perfect", "good", "marginal"}, node.fit_levels
-    assert node.fit_levels_at is not None
+    model = RegisteredModel.objects.get(id=model_id)
+    assert fit_levels(model=model, nodes=[node]) == {node.pk: fit_level(node=node, model=model)}
+    assert fit_level(node=node, model=model) in {"perfect", "good", "marginal"}, node.hardware

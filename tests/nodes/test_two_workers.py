@@ -12,8 +12,11 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
+from apps.fit.models import FitMeasurement
+from apps.fit.selectors import fit_level
 from apps.gateway.dispatch import _inflight_key
 from apps.gateway.models import RequestLog
+from apps.models.models import RegisteredModel
 from apps.nodes.models import Node
 from llmplatform import devstack
 from tests.environment import RUN
@@ -109,13 +112,22 @@ def test_a_model_no_node_holds_goes_where_it_fits_not_where_it_is_too_tight(http
     devstack.wait_until(lambda: _loaded(first) == _loaded(second) == [], timeout=30, what="both nodes drained")
     for name in nodes:
         staff.post(f"/api/v1/nodes/{name}/uncordon/")
-    # What the heartbeats cache from the fit analysis; refreshed only after FIT_REFRESH_SECONDS.
-    Node.objects.filter(name=first).update(fit_levels={model_id: "too_tight"}, fit_levels_at=timezone.now())
-    Node.objects.filter(name=second).update(fit_levels={model_id: "good"}, fit_levels_at=timezone.now())
-    assert _served_by(http, model_id) == second
-    devstack.wait_until(lambda: f"placement: {model_id} on {second}: fit good" in platform.server.log(), timeout=5,
-                        what="the placement log line")
-    assert f"{first} too_tight" in platform.server.log()
+    # As if the first node's worker had measured the model needing a petabyte there.
+    model, tight = RegisteredModel.objects.get(id=model_id), Node.objects.get(name=first)
+    kept = list(FitMeasurement.objects.filter(node=tight, model_id=model_id).values())
+    FitMeasurement.objects.update_or_create(node=tight, model_id=model_id,
+                                            defaults={"memory_bytes": 2 ** 50, "measured_at": timezone.now()})
+    try:
+        assert fit_level(node=tight, model=model) == "too_tight"
+        level = fit_level(node=Node.objects.get(name=second), model=model)
+        assert level in ("perfect", "good", "marginal")
+        assert _served_by(http, model_id) == second
+        devstack.wait_until(lambda: f"placement: {model_id} on {second}: fit {level}" in platform.server.log(),
+                            timeout=5, what="the placement log line")
+        assert f"{first} too_tight" in platform.server.log()
+    finally:
+        FitMeasurement.objects.filter(node=tight, model_id=model_id).delete()
+        FitMeasurement.objects.bulk_create([FitMeasurement(**row) for row in kept])
 
 
 def test_the_fleet_matrix_shows_both_workers_as_nodes_with_their_real_hardware(http, nodes, model_id):

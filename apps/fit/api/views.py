@@ -9,6 +9,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.fit import engine, selectors
+from apps.nodes.models import Node
+from apps.nodes.selectors import node_get
 
 
 def _query(request, **options) -> engine.FitQuery:
@@ -18,8 +20,8 @@ def _query(request, **options) -> engine.FitQuery:
         raise ValidationError(str(exc)) from None
 
 
-def _node(ref: str):
-    node = selectors.node_get(ref=ref)
+def _node(ref: str) -> Node:
+    node = node_get(ref=ref)
     if node is None:
         raise NotFound(f"node {ref} not found")
     return node

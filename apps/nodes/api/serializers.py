@@ -17,7 +17,7 @@ class NodeSerializer(serializers.ModelSerializer):
         model = Node
         fields = [
             "id", "name", "hostname", "queue", "gpu_index", "gpus", "status", "placeable", "cordoned", "cordoned_gpus",
-            "hardware", "loaded_models", "fit_levels", "started_at", "last_heartbeat", "created_at",
+            "hardware", "loaded_models", "started_at", "last_heartbeat", "created_at",
         ]
         read_only_fields = fields
 

@@ -21,16 +21,6 @@ class Migration(migrations.Migration):
             name='cordoned_gpus',
             field=models.JSONField(blank=True, default=list, help_text="Indexes of this node's cordoned GPUs."),
         ),
-        migrations.AddField(
-            model_name='node',
-            name='fit_levels',
-            field=models.JSONField(blank=True, default=dict),
-        ),
-        migrations.AddField(
-            model_name='node',
-            name='fit_levels_at',
-            field=models.DateTimeField(blank=True, null=True),
-        ),
         migrations.CreateModel(
             name='NodeMetric',
             fields=[
