@@ -27,11 +27,10 @@ It prints ``fakehub listening on http://HOST:PORT`` once it accepts connections.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import re
-import select
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
-from urllib.request import Request, urlopen
+
+from workers.files import sha256_file
 
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".onnx")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -108,18 +108,10 @@ class FakeFile:
         return entry
 
 
-_sha256_cache: dict[tuple, str] = {}
-
-
+@functools.cache
 def _sha256_of_path(path: Path, mtime_ns: int, size: int) -> str:
-    key = (str(path), mtime_ns, size)
-    if key not in _sha256_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1024 * 1024):
-                digest.update(block)
-        _sha256_cache[key] = digest.hexdigest()
-    return _sha256_cache[key]
+    """Hashed once per version of a file: several fake hubs in one test run serve the same model."""
+    return sha256_file(path)
 
 
 @dataclass
@@ -463,54 +455,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-
-
-class FakeHubProcess:
-    """``python -m tests.fakehub`` as a child process, for tests whose downloader is another process.
-
-    ``args`` are the command-line options (``["--repo", "me/x=/path/a.gguf", "--throttle", "1000000"]``);
-    without ``--repo`` it serves the bundled SmolLM2 GGUF as ``llmplatform/SmolLM2-135M-Instruct-GGUF``.
-    """
-
-    def __init__(self, args: list[str] | None = None, *, start_timeout: float = 30.0):
-        self.args, self.start_timeout = list(args or []), start_timeout
-        self.endpoint = ""
-        self._process: subprocess.Popen | None = None
-
-    def start(self) -> FakeHubProcess:
-        root = Path(__file__).resolve().parent.parent
-        self._process = subprocess.Popen([sys.executable, "-m", "tests.fakehub", "--port", "0", *self.args],
-                                         cwd=root, stdout=subprocess.PIPE, text=True)
-        # The first line says where it listens; EOF means it died, silence that it hangs.
-        ready, _, _ = select.select([self._process.stdout], [], [], self.start_timeout)
-        line = self._process.stdout.readline() if ready else ""
-        if not line.startswith("fakehub listening on "):
-            self.stop()
-            raise RuntimeError(f"the fake hub did not start: {line!r}")
-        self.endpoint = line.split()[-1]
-        return self
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-        if self._process is not None:
-            self._process.stdout.close()
-
-    def requests(self) -> list[dict]:
-        with urlopen(f"{self.endpoint}/_fakehub/requests", timeout=10) as response:
-            return json.load(response)
-
-    def set_throttle(self, bytes_per_second: int | None) -> None:
-        request = Request(f"{self.endpoint}/_fakehub/throttle?bps={bytes_per_second or 0}", method="POST")
-        with urlopen(request, timeout=10):
-            pass
-
-    def __enter__(self) -> FakeHubProcess:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def _repos_from_args(args: argparse.Namespace) -> list[FakeRepo]:

@@ -35,6 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from gguf import LlamaFileType
+
+from apps.models.gguf import GGUFError, check_magic
+
 ProgressCallback = Callable[[int, int, str], None]
 CancelCheck = Callable[[], bool]
 
@@ -43,26 +47,11 @@ STAGE_QUANTIZING = "quantizing"  # bytes of the source tensors quantized so far
 
 SUPPORTED_OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
 
-# llama.cpp's llama_ftype values (include/llama.h); llama_cpp exposes the same numbers.
+# The quantization types offered, as llama.cpp's llama_ftype values (gguf's LlamaFileType mirrors include/llama.h).
 QUANT_FTYPES: dict[str, int] = {
-    "Q4_0": 2,
-    "Q4_1": 3,
-    "Q8_0": 7,
-    "Q5_0": 8,
-    "Q5_1": 9,
-    "Q2_K": 10,
-    "Q3_K_S": 11,
-    "Q3_K_M": 12,
-    "Q3_K_L": 13,
-    "Q4_K_S": 14,
-    "Q4_K_M": 15,
-    "Q5_K_S": 16,
-    "Q5_K_M": 17,
-    "Q6_K": 18,
-    "IQ4_NL": 25,
-    "IQ4_XS": 30,
-    "F16": 1,
-    "BF16": 32,
+    name: int(LlamaFileType[f"MOSTLY_{name}"])
+    for name in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                 "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "BF16")
 }
 SUPPORTED_QUANT_TYPES: tuple[str, ...] = tuple(QUANT_FTYPES)
 
@@ -128,8 +117,10 @@ def quantize(
     if not source.is_file():
         raise ConversionError(f"source model {source} does not exist")
     with source.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ConversionError(f"{source.name} is not a GGUF file")
+        try:
+            check_magic(f.read(8))
+        except GGUFError as exc:
+            raise ConversionError(f"{source.name}: {exc}") from None
     _check_destination(out_path)
     args = ["quantize", "--source", str(source), "--qtype", qtype_key, "--threads", str(threads or 0)]
     return _produce(args, out_path=out_path, progress=progress, should_cancel=should_cancel)

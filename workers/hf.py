@@ -29,6 +29,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypedDict
 from urllib.parse import urlsplit
@@ -60,12 +61,7 @@ _QUANTIZATION = re.compile(r"(?i)(?<![A-Z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32
 # --- errors -------------------------------------------------------------------------------------
 
 class HfError(RuntimeError):
-    """Something went wrong with the Hub; ``str(error)`` is a sentence a user can act on.
-
-    ``retryable`` says whether the same call may succeed later without anyone changing anything.
-    """
-
-    retryable = False
+    """Something went wrong with the Hub; ``str(error)`` is a sentence a user can act on."""
 
 
 class HfRepoNotFound(HfError):
@@ -87,19 +83,13 @@ class HfAccessDenied(HfError):
 class HfNetworkError(HfError):
     """The Hub could not be reached, answered 5xx/429, or the connection dropped too often."""
 
-    retryable = True
-
 
 class HfIntegrityError(HfError):
     """The downloaded bytes do not match the Hub's size or sha256; the partial file was discarded."""
 
-    retryable = True
-
 
 class HfDownloadBusy(HfError):
     """Another process is downloading the same file into the same directory right now."""
-
-    retryable = True
 
 
 class InsufficientDiskSpace(HfError):
@@ -183,6 +173,14 @@ def gguf_quantization(filename: str) -> str | None:
 
 # --- download ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class HfDownloaded:
+    """A file :func:`hf_download` put in place."""
+
+    path: Path
+    sha256: str | None  # the Hub's digest the content was checked against: set for LFS files (every GGUF)
+
+
 def hf_download(
     *,
     repo_id: str,
@@ -193,20 +191,22 @@ def hf_download(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     report_interval: float = REPORT_INTERVAL_S,
-) -> Path:
-    """Download one file of a model repo to ``dest_dir / filename`` and return that path.
+) -> HfDownloaded:
+    """Download one file of a model repo to ``dest_dir / filename``; return its path and verified sha256.
 
     Guarantees: the final path only ever holds a complete file whose size matches the Hub's
-    and, for LFS files (every GGUF), whose sha256 matches too; bytes already in a partial file
-    from an earlier attempt (cancelled, crashed, killed) are kept and the rest is fetched with
-    a ``Range`` request. A file already complete at the final path is verified and returned
-    without downloading. The free disk space is checked before the first byte.
+    and, for LFS files (every GGUF), whose sha256 matches too (that digest is returned, so no
+    caller needs to hash the file again); bytes already in a partial file from an earlier
+    attempt (cancelled, crashed, killed) are kept and the rest is fetched with a ``Range``
+    request. A file already complete at the final path is verified and returned without
+    downloading. The free disk space is checked before the first byte. Nothing is created
+    under ``dest_dir`` unless the Hub knows the file.
 
     ``progress(done, total)`` is called with byte counts (``done`` includes resumed bytes;
     ``total`` is 0 if the Hub did not say) when the download starts, then at most every
     ``report_interval`` seconds, and once more at the end. ``should_cancel()`` is polled on the
     same rhythm; when it returns true, :class:`DownloadCancelled` is raised and the partial file
-    stays for a later resume (:func:`hf_discard_partial` removes it).
+    stays for a later resume.
     """
     dest_dir = Path(dest_dir)
     final_path = _final_path(dest_dir, filename)
@@ -227,11 +227,11 @@ def hf_download(
     reporter = _Reporter(progress, should_cancel, total=size or 0, interval=report_interval)
     if final_path.is_file() and _is_complete(final_path, size=size, sha256=sha256):
         reporter.report(final_path.stat().st_size, final=True)
-        return final_path
+        return HfDownloaded(final_path, sha256)
 
     partial_dir = dest_dir / PARTIAL_DIR_NAME
     partial_path = partial_dir / f"{_flat_name(filename)}.{etag}.incomplete"
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    final_path.parent.mkdir(parents=True, exist_ok=True)  # under dest_dir, which it creates too
     have = partial_path.stat().st_size if partial_path.is_file() else 0
     if size is not None:
         _check_free_space(dest_dir, needed=max(size - have, 0), what=f"{repo_id}/{filename}")
@@ -261,20 +261,7 @@ def hf_download(
     with contextlib.suppress(OSError):
         partial_dir.rmdir()  # only when no other download left a partial file there
     reporter.report(done, final=True)  # the file is in place: too late to cancel
-    return final_path
-
-
-def hf_discard_partial(*, dest_dir: Path, filename: str) -> int:
-    """Delete the partial files of ``filename`` under ``dest_dir``; return the bytes freed.
-
-    For a download that is given up for good (a cancelled job). A partial file that a running
-    download holds is left alone.
-    """
-    partial_dir = Path(dest_dir) / PARTIAL_DIR_NAME
-    freed = _discard_other_versions(partial_dir, filename, keep=None) if partial_dir.is_dir() else 0
-    with contextlib.suppress(OSError):
-        partial_dir.rmdir()
-    return freed
+    return HfDownloaded(final_path, sha256)
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -412,8 +399,8 @@ def _locked_partial(path: Path, filename: str) -> Iterator[BinaryIO]:
         yield f
 
 
-def _discard_other_versions(partial_dir: Path, filename: str, *, keep: Path | None) -> int:
-    freed = 0
+def _discard_other_versions(partial_dir: Path, filename: str, *, keep: Path) -> None:
+    """Delete partial files of earlier versions of ``filename`` that no running download holds."""
     for stale in partial_dir.glob(f"{glob.escape(_flat_name(filename))}.*.incomplete"):
         if stale == keep:
             continue
@@ -422,9 +409,7 @@ def _discard_other_versions(partial_dir: Path, filename: str, *, keep: Path | No
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a download is writing it
-            freed += os.fstat(f.fileno()).st_size
             stale.unlink()
-    return freed
 
 
 def _is_complete(path: Path, *, size: int | None, sha256: str | None) -> bool:
@@ -437,7 +422,6 @@ def _final_path(dest_dir: Path, filename: str) -> Path:
     final = (dest_dir / filename).resolve()
     if not final.is_relative_to(dest_dir.resolve()) or final == dest_dir.resolve():
         raise HfError(f"refusing to write {filename!r} outside {dest_dir}")
-    final.parent.mkdir(parents=True, exist_ok=True)
     return final
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from apps.gateway import validation
 from apps.gateway.errors import OpenAIError
 from apps.gateway.history import RequestRecord
-from apps.gateway.models import ApiKey, RequestStatus
-from apps.gateway.upstream import upstream_chat
+from apps.gateway.models import ApiKey
+from apps.gateway.upstream import upstream_answer, usage_counts
 from apps.gateway.views import _collect, _Generation
 from apps.models.models import RegisteredModel
 
@@ -37,23 +37,22 @@ async def generate_answer(*, model: RegisteredModel, body: dict, path: str, api_
         body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
     chat = "messages" in body
     try:
+        valid = (validation.chat_request if chat else validation.completion_request)(body)
         if model.is_external:
-            record.open(model=model.id, node="external", stream=False, request_body=body)
-            result = await upstream_chat(model, body)
-            record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=result.get("usage"),
-                         response_body=result)
+            result = await upstream_answer(valid, model, record)
         else:
-            generation = _Generation((validation.chat_request if chat else validation.completion_request)(body),
-                                     model, record)
+            generation = _Generation(valid, model, record)
             try:
                 await generation.start()
                 result = await _collect(generation, await generation.next_output())
             finally:
                 generation.release()
     except OpenAIError as error:
-        record.fail(error)
+        record.fail(error)  # a no-op when the record was already failed
         raise
+    finally:
+        await record.written()  # the caller's event loop may end with this call
     choice = result["choices"][0]
-    usage = result.get("usage") or {}
+    usage = usage_counts(result.get("usage")) or {"prompt_tokens": 0, "completion_tokens": 0}
     text = (choice["message"]["content"] if chat else choice["text"]) or ""
-    return Answer(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), str(record.id))
+    return Answer(text, usage["prompt_tokens"], usage["completion_tokens"], str(record.id))

@@ -6,6 +6,7 @@ the gateway dies mid-stream) and completed when it ends, both in the background.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -23,6 +24,7 @@ class RequestRecord:
         self.first_token_at: float | None = None
         self.fields: dict = {"method": method, "path": path}
         self._insert = None
+        self._closing = None
         self._closed = False
 
     def _ms_since_start(self, moment: float) -> float:
@@ -57,7 +59,14 @@ class RequestRecord:
         if usage:
             updates.update(prompt_tokens=usage.get("prompt_tokens", 0),
                            completion_tokens=usage.get("completion_tokens", 0))
-        spawn(self._write(updates))
+        self._closing = spawn(self._write(updates))
+
+    async def written(self) -> None:
+        """Until the writes started so far are done: for a caller whose event loop ends with the request
+        (``async_to_sync``), where a background write would be cut off."""
+        pending = [task for task in (self._insert, self._closing) if task is not None]
+        if pending:
+            await asyncio.wait(pending)
 
     def fail(self, error: OpenAIError) -> None:
         self.close(status=RequestStatus.FAILED, status_code=error.status, error=error)

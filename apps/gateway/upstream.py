@@ -24,11 +24,12 @@ from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, JsonResponse
 
 from apps.gateway.errors import OpenAIError
 from apps.gateway.history import RequestRecord
 from apps.gateway.models import RequestLog, RequestStatus
+from apps.gateway.sse import DONE, KEEP_ALIVE, sse_frame, sse_response
 from apps.gateway.validation import ValidRequest
 from apps.models.models import ExternalEndpoint, RegisteredModel
 from apps.models.secrets import SecretUnreadable, secret_decrypt
@@ -168,51 +169,48 @@ async def _post_json(upstream: _Upstream, kind: str, body: dict, request_id: str
     return answer
 
 
-def _usage(usage) -> dict | None:
-    """The upstream's usage, if it is one the request history can store."""
+def usage_counts(usage) -> dict | None:
+    """An upstream's ``usage`` as token counts the request history can store; None if it is not one."""
     if not isinstance(usage, dict):
         return None
     counts = {name: usage.get(name, 0) for name in ("prompt_tokens", "completion_tokens")}
     return counts if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts.values()) else None
 
 
-def _json_bytes(payload: dict) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+async def upstream_answer(valid: ValidRequest, model: RegisteredModel, record: RequestRecord) -> dict:
+    """The upstream's whole answer to a validated, non-streamed request, with ``model`` set to our id.
 
-
-async def upstream_chat(model: RegisteredModel, body: dict) -> dict:
-    """A non-streamed chat completion from an external model's upstream, with ``model`` set to our id.
-
-    ``body`` is an OpenAI chat request (``messages`` and sampling parameters); raises OpenAIError.
+    The request history is kept here: ``record`` is opened, then closed as succeeded, or failed
+    with the OpenAIError that is raised.
     """
-    upstream = await _upstream_of(model)
-    request = {name: value for name, value in body.items() if name != "stream_options"}
-    answer = await _post_json(upstream, KIND_CHAT, {**request, "model": upstream.upstream_model, "stream": False})
+    try:
+        upstream = await _upstream_of(model)
+        record.open(model=model.id, node=upstream.node, stream=False, request_body=valid.body)
+        answer = await _post_json(upstream, valid.kind, {**valid.body, "model": upstream.upstream_model},
+                                  str(record.id))
+    except OpenAIError as error:
+        record.fail(error)
+        raise
     answer["model"] = model.id
+    usage = answer.get("usage")
+    if valid.kind == KIND_EMBEDDING:
+        data = answer.get("data")
+        logged = {"object": "list", "count": len(data) if isinstance(data, list) else None, "usage": usage}
+    else:
+        logged = answer
+    record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=usage_counts(usage), response_body=logged)
     return answer
 
 
 async def upstream_serve(valid: ValidRequest, model: RegisteredModel, record: RequestRecord) -> HttpResponse:
     """Answer a validated /v1 request for an external model from its upstream; raises OpenAIError."""
-    upstream = await _upstream_of(model)
-    record.open(model=model.id, node=upstream.node, stream=valid.stream, request_body=valid.body)
-    body = {**valid.body, "model": upstream.upstream_model}
     if valid.stream:
-        response = StreamingHttpResponse(_relay(await _open_stream(upstream, valid.kind, body, record), upstream, record),
-                                         content_type="text/event-stream")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
+        upstream = await _upstream_of(model)
+        record.open(model=model.id, node=upstream.node, stream=True, request_body=valid.body)
+        body = {**valid.body, "model": upstream.upstream_model}
+        response = sse_response(_relay(await _open_stream(upstream, valid.kind, body, record), upstream, record))
     else:
-        answer = await _post_json(upstream, valid.kind, body, str(record.id))
-        answer["model"] = model.id
-        usage = answer.get("usage")
-        if valid.kind == KIND_EMBEDDING:
-            data = answer.get("data")
-            logged = {"object": "list", "count": len(data) if isinstance(data, list) else None, "usage": usage}
-        else:
-            logged = answer
-        record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=_usage(usage), response_body=logged)
-        response = JsonResponse(answer)
+        response = JsonResponse(await upstream_answer(valid, model, record))
     response["X-Request-Id"] = str(record.id)
     return response
 
@@ -263,14 +261,14 @@ async def _relay(response: httpx.Response, upstream: _Upstream, record: RequestR
                 data_lines.append(line[5:].removeprefix(" "))
                 continue
             if line.startswith(":"):  # an SSE comment: a keep-alive
-                yield b": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
             if line or not data_lines:  # event:, id: and retry: fields carry nothing we use
                 continue
             data, data_lines = "\n".join(data_lines), []
             if data.strip() == "[DONE]":
-                yield b"data: [DONE]\n\n"
-                record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=_usage(usage),
+                yield DONE
+                record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=usage_counts(usage),
                              response_body={"text": "".join(parts), "finish_reason": finish_reason, "usage": usage})
                 return
             try:
@@ -278,7 +276,7 @@ async def _relay(response: httpx.Response, upstream: _Upstream, record: RequestR
             except ValueError:
                 chunk = None
             if not isinstance(chunk, dict):
-                yield b"data: " + data.encode() + b"\n\n"
+                yield sse_frame(data.encode())
                 continue
             if isinstance(chunk.get("error"), dict):
                 error = chunk["error"]
@@ -297,14 +295,14 @@ async def _relay(response: httpx.Response, upstream: _Upstream, record: RequestR
                     parts.append(text)
                 finish_reason = choice.get("finish_reason") or finish_reason
             usage = chunk.get("usage") or usage
-            yield b"data: " + _json_bytes(chunk) + b"\n\n"
+            yield sse_frame(chunk)
         error = OpenAIError(502, f"The upstream API at {upstream.host} ended its stream before it was complete.",
                             code="upstream_stream_ended", type="server_error")
-        yield b"data: " + _json_bytes(error.body()) + b"\n\n"
+        yield sse_frame(error.body())
         record.fail(error)
     except httpx.RequestError as exc:
         error = _transport_error(exc, upstream)
-        yield b"data: " + _json_bytes(error.body()) + b"\n\n"
+        yield sse_frame(error.body())
         record.fail(error)
     finally:
         await response.aclose()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
@@ -21,16 +20,13 @@ from apps.gateway.history import RequestRecord
 from apps.gateway.models import ApiKey, RequestStatus
 from apps.gateway.selectors import api_key_check
 from apps.gateway.services import api_key_touch
+from apps.gateway.sse import DONE, sse_frame, sse_response
 from apps.gateway.upstream import upstream_serve
 from apps.models.models import RegisteredModel
 from apps.models.selectors import model_get_active, model_list_active
 from workers import protocol
 
 logger = logging.getLogger(__name__)
-
-
-def _json_bytes(payload: dict) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def _authenticate(request: HttpRequest, record: RequestRecord) -> ApiKey:
@@ -83,9 +79,8 @@ class _Generation:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
     async def start(self) -> None:
-        self.node = await node_pick(self.model)
-        self.record.open(model=self.model.id, node=self.node.name, placement=getattr(self.node, "placement_reason", ""),
-                         stream=self.valid.stream,
+        self.node, reason = await node_pick(self.model)
+        self.record.open(model=self.model.id, node=self.node.name, placement=reason, stream=self.valid.stream,
                          request_body=self.valid.body)
         await request_send(request_id=self.request_id, kind=self.valid.kind, model=self.model,
                            params=self.valid.params, node=self.node)
@@ -128,9 +123,7 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
         await generation.start()
         first = await generation.next_output()
         if valid.stream:
-            response = StreamingHttpResponse(_sse(generation, first), content_type="text/event-stream")
-            response["Cache-Control"] = "no-cache"
-            response["X-Accel-Buffering"] = "no"
+            response = sse_response(_sse(generation, first))
             response["X-Request-Id"] = str(generation.record.id)
             generation = None  # the stream owns it from here
             return response
@@ -167,7 +160,7 @@ def _chunk(generation: _Generation, choice: dict | None, usage: dict | None = No
     }
     if generation.valid.include_usage:
         payload["usage"] = usage
-    return b"data: " + _json_bytes(payload) + b"\n\n"
+    return sse_frame(payload)
 
 
 def _choice(generation: _Generation, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
@@ -199,7 +192,7 @@ async def _sse(generation: _Generation, first: tuple[str, dict]) -> AsyncIterato
                 yield _chunk(generation, _choice(generation, closing_text, data["finish_reason"]))
                 if generation.valid.include_usage:
                     yield _chunk(generation, None, data["usage"])
-                yield b"data: [DONE]\n\n"
+                yield DONE
                 record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=data["usage"],
                              response_body={"text": "".join(parts), "finish_reason": data["finish_reason"],
                                             "usage": data["usage"]})
@@ -207,7 +200,7 @@ async def _sse(generation: _Generation, first: tuple[str, dict]) -> AsyncIterato
             try:
                 event, data = await generation.next_output()
             except OpenAIError as error:
-                yield b"data: " + _json_bytes(error.body()) + b"\n\n"
+                yield sse_frame(error.body())
                 record.fail(error)
                 generation.finished = True
                 return

@@ -55,11 +55,12 @@ def _api_key_clean(api_key: str) -> str:
 
 
 def model_register_external(*, name: str, base_url: str, upstream_model: str | None = None, api_key: str = "",
-                            created_by=None) -> RegisteredModel:
+                            is_active: bool = True, created_by=None) -> RegisteredModel:
     """Register ``name`` as a model served by the OpenAI-compatible server at ``base_url``.
 
     ``upstream_model`` is the name that server expects (default: ``name``); ``api_key`` is
-    stored encrypted. Raises ModelError for invalid input, ModelConflict when ``name`` is taken.
+    stored encrypted; an inactive model is registered but not served. Raises ModelError for
+    invalid input, ModelConflict when ``name`` is taken.
     """
     model_id_check(name)
     url = external_base_url_clean(base_url)
@@ -68,7 +69,7 @@ def model_register_external(*, name: str, base_url: str, upstream_model: str | N
     try:
         with transaction.atomic():
             model = RegisteredModel.objects.create(id=name, source=ModelSource.EXTERNAL, owned_by="external",
-                                                   created_by=created_by)
+                                                   is_active=is_active, created_by=created_by)
             ExternalEndpoint.objects.create(model=model, base_url=url, upstream_model=upstream,
                                             api_key_encrypted=secret_encrypt(key))
     except IntegrityError as exc:

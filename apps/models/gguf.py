@@ -291,10 +291,11 @@ class _Parser:
         c = self.c
         if c.file_size < 4:
             raise GGUFError(f"not a GGUF file: it is {c.file_size} bytes long, too short for the magic", offset=0)
-        check_magic(c.take(4, "magic"))
-        version_bytes = c.take(4, "version")
-        check_magic(GGUF_MAGIC + version_bytes)
-        version = _U32.unpack(version_bytes)[0]
+        head = c.take(4, "magic")
+        if c.remaining >= 4:
+            head += c.take(4, "version")
+        check_magic(head)  # the magic, and the version when the file is long enough to hold one
+        version = _U32.unpack(head[4:] or c.take(4, "version"))[0]
 
         at = c.offset
         tensor_count = c.u64("tensor count")

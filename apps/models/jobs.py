@@ -61,17 +61,19 @@ def _place(ctx: JobContext, source: Path, model_id: str) -> Path:
     return final
 
 
-def _register(ctx: JobContext, path: Path, *, source: str, expected_sha256: str = "", **origin) -> RegisteredModel:
-    """Verify a finished file in the job's directory, move it into the store and register it."""
+def _register(ctx: JobContext, path: Path, *, source: str, sha256: str | None = None, **origin) -> RegisteredModel:
+    """Move a finished file of the job's directory into the store and register it.
+
+    ``sha256`` is the digest the file was already checked against (a Hub download of an LFS
+    file); without one the file is hashed here, in the VERIFYING stage.
+    """
     model_id = ctx.params["model_id"]
     size = path.stat().st_size
-    ctx.stage(JobStage.VERIFYING, unit="bytes", total=size)
-    digest = sha256_file(path, progress=lambda done: (ctx.check_cancel(), ctx.progress(done)))
-    ctx.progress(size, force=True)
-    if expected_sha256 and digest != expected_sha256.lower():
-        path.unlink()
-        raise JobError(f"The file's sha256 {digest} does not match the expected {expected_sha256}; it was deleted")
-    ctx.log(f"sha256 {digest}")
+    if sha256 is None:
+        ctx.stage(JobStage.VERIFYING, unit="bytes", total=size)
+        sha256 = sha256_file(path, progress=lambda done: (ctx.check_cancel(), ctx.progress(done)))
+        ctx.progress(size, force=True)
+        ctx.log(f"sha256 {sha256}")
     ctx.stage(JobStage.REGISTERING)
     try:
         model_id_check(model_id)
@@ -79,7 +81,7 @@ def _register(ctx: JobContext, path: Path, *, source: str, expected_sha256: str 
         raise JobError(str(exc)) from exc
     final = _place(ctx, path, model_id)
     try:
-        model = model_register_file(model_id=model_id, source=source, path=final, sha256=digest, node=ctx.job.node,
+        model = model_register_file(model_id=model_id, source=source, path=final, sha256=sha256, node=ctx.job.node,
                                     created_by=ctx.job.created_by, **origin)
     except ModelError as exc:
         final.unlink(missing_ok=True)
@@ -109,12 +111,16 @@ def download_run(ctx: JobContext) -> RegisteredModel:
     work = job_work_dir(ctx)
     ctx.stage(JobStage.DOWNLOADING, unit="bytes")
     with _as_job_outcomes(hf.DownloadCancelled, hf.HfError):
-        path = hf.hf_download(repo_id=params["repo_id"], filename=params["filename"], dest_dir=work,
-                              revision=params.get("revision") or None, progress=ctx.progress,
-                              should_cancel=ctx.cancel_requested)
-    ctx.progress(path.stat().st_size, path.stat().st_size, force=True)
-    model = _register(ctx, path, source=ModelSource.HUGGINGFACE, hf_repo=params["repo_id"],
-                      hf_filename=params["filename"], hf_revision=params.get("revision") or "")
+        downloaded = hf.hf_download(repo_id=params["repo_id"], filename=params["filename"], dest_dir=work,
+                                    revision=params.get("revision") or None, progress=ctx.progress,
+                                    should_cancel=ctx.cancel_requested)
+    size = downloaded.path.stat().st_size
+    ctx.progress(size, size, force=True)
+    if downloaded.sha256 is not None:
+        ctx.log(f"sha256 {downloaded.sha256}, as the Hub's")
+    model = _register(ctx, downloaded.path, source=ModelSource.HUGGINGFACE, sha256=downloaded.sha256,
+                      hf_repo=params["repo_id"], hf_filename=params["filename"],
+                      hf_revision=params.get("revision") or "")
     _remove_work_dir(ctx)
     return model
 
@@ -137,11 +143,12 @@ def _checkpoint_dir(ctx: JobContext, work: Path) -> Path:
     done_before = 0
     for item in files:
         with _as_job_outcomes(hf.DownloadCancelled, hf.HfError):
-            path = hf.hf_download(repo_id=params["repo_id"], filename=item["path"], dest_dir=checkpoint,
-                                  revision=params.get("revision") or None,
-                                  progress=lambda done, _total, base=done_before: ctx.progress(base + done, total),
-                                  should_cancel=ctx.cancel_requested)
-        done_before += path.stat().st_size
+            downloaded = hf.hf_download(
+                repo_id=params["repo_id"], filename=item["path"], dest_dir=checkpoint,
+                revision=params.get("revision") or None,
+                progress=lambda done, _total, base=done_before: ctx.progress(base + done, total),
+                should_cancel=ctx.cancel_requested)
+        done_before += downloaded.path.stat().st_size
     return checkpoint
 
 

@@ -17,8 +17,7 @@ from apps.models.models import RegisteredModel
 from apps.models.services import ModelError, model_file_name_clean, model_id_check, model_id_for_file
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_list_live
-
-CONVERT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+from workers.convert import SUPPORTED_OUTTYPES as CONVERT_OUTTYPES
 
 
 def job_node_pick(name: str | None) -> Node:

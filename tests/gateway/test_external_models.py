@@ -6,7 +6,6 @@ separate process with its own API key, reached through the real platform process
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from django.test import Client
 
 from apps.gateway.models import RequestLog
 from apps.gateway.services import api_key_create
-from apps.gateway.upstream import upstream_chat
 from apps.models.models import ExternalEndpoint, RegisteredModel
 from apps.models.secrets import secret_decrypt
 from llmplatform import devstack
@@ -119,6 +117,16 @@ def test_only_staff_may_register_but_anyone_signed_in_may_list(platform, staff, 
     refused = plain.post("/api/v1/external-models/", json={"name": "ext-x", "endpoint": upstream.base_url})
     assert refused.status_code == 403
     assert external in [row["id"] for row in plain.get("/api/v1/external-models/").json()["results"]]
+
+
+def test_a_model_registered_inactive_is_stored_inactive_and_not_served(client, staff, upstream):
+    created = _register(staff, upstream.base_url, is_active=False)
+
+    assert created["is_active"] is False
+    assert RegisteredModel.objects.get(id=created["id"]).is_active is False
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model=created["id"], messages=CHAT, max_tokens=4)
+    assert caught.value.code == "model_not_found"
 
 
 def test_the_upstream_name_defaults_to_the_model_id(staff, upstream):
@@ -227,12 +235,25 @@ def test_embeddings_are_forwarded(client, external):
     assert row.response_body["count"] == 2 and row.path == "/v1/embeddings"
 
 
-def test_upstream_chat_answers_a_plain_chat_request_for_the_generate_endpoint(external):
-    model = RegisteredModel.objects.get(id=external)
-    answer = asyncio.run(upstream_chat(model, {"messages": CHAT, "max_tokens": 8, "temperature": 0}))
-    assert answer["model"] == external
-    assert answer["choices"][0]["message"]["content"].strip()
-    assert answer["usage"]["completion_tokens"] > 0
+def test_the_local_generate_endpoint_answers_from_an_external_model_registered_through_the_local_api(staff, upstream):
+    name = f"ext-{uuid.uuid4().hex[:8]}"
+    registered = staff.post("/api/v1/models", json={"name": name, "endpoint": upstream.base_url, "api_key": UPSTREAM_KEY,
+                                                    "upstream_model": "smollm2-upstream"})
+    assert registered.status_code == 200, registered.text
+    assert registered.json()["message"] == "External model registered successfully"
+
+    reply = staff.post("/api/v1/generate", json={"question": CHAT[0]["content"], "model_name": name, "max_tokens": 8,
+                                                 "temperature": 0})
+
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["success"] is True and body["response"].strip() and body["model_used"] == name
+    assert 0 < body["token_count"] <= 8
+    row = _history(reply.headers["X-Request-Id"], status="succeeded")
+    assert (row.model, row.node, row.path, row.stream, row.status_code) == (
+        name, f"external:{upstream.host}", "/api/v1/generate", False, 200)
+    assert row.completion_tokens == body["token_count"] and row.prompt_tokens > 0
+    assert row.response_body["model"] == name
 
 
 def test_a_client_that_goes_away_mid_stream_closes_the_upstream_request(platform, api_key, external, upstream):

@@ -73,7 +73,9 @@ def test_a_download_streams_its_progress_in_order_over_websocket_and_registers_a
     ids = [tuple(map(int, event["id"].split("-"))) for event in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     stages = [event["data"]["stage"] for event in events if event["type"] == "job.stage"]
-    assert stages == ["downloading", "verifying", "registering"]
+    assert stages == ["downloading", "registering"]  # the download checked the Hub's sha256: no second hashing
+    logged = [event["data"]["line"] for event in events if event["type"] == "job.log"]
+    assert any(line.endswith(f"sha256 {_bundled_sha256()}, as the Hub's") for line in logged), logged
     download = []
     for event in events:
         if event["type"] == "job.stage" and event["data"]["stage"] != "downloading" and download:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from django.conf import settings
 
+from apps.gateway.models import RequestLog
 from apps.models.models import ModelSource, RegisteredModel
 from llmplatform.devstack import wait_until
 from workers.bundled import bundled_model_path
@@ -175,7 +176,7 @@ def test_sync_registers_files_put_in_the_directory_and_forgets_removed_ones(http
     assert name not in [m["name"] for m in body["data"]["models"]]
 
 
-def test_generate_answers_with_the_documented_fields(http, model_id):
+def test_generate_answers_with_the_documented_fields_and_is_in_the_request_history(http, model_id, platform):
     response = http.post("/api/v1/generate", json={"question": "What is 2+2?", "model_name": model_id,
                                                    "temperature": 0, "max_tokens": 16})
     assert response.status_code == 200, response.text
@@ -183,6 +184,11 @@ def test_generate_answers_with_the_documented_fields(http, model_id):
     assert body["success"] is True and body["response"]
     assert body["model_used"] == bundled_model_path().name
     assert body["token_count"] > 0 and body["processing_time"] > 0
+    finished = RequestLog.objects.filter(pk=response.headers["X-Request-Id"], status="succeeded")
+    wait_until(finished.exists, timeout=15, what="the request's history row to be closed")
+    row = finished.get()
+    assert (row.model, row.node, row.path, row.status_code) == (model_id, platform.node, "/api/v1/generate", 200)
+    assert row.completion_tokens == body["token_count"]
 
 
 def test_generate_accepts_the_model_file_name_and_a_custom_template(http):

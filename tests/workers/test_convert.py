@@ -9,10 +9,11 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 
 from workers.bundled import bundled_model_path
 from workers.convert import (
+    QUANT_FTYPES,
     STAGE_CONVERTING,
     STAGE_QUANTIZING,
     SUPPORTED_QUANT_TYPES,
@@ -22,8 +23,6 @@ from workers.convert import (
     partial_path,
     quantize,
 )
-
-LLAMA_FTYPE_MOSTLY_F16, LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_K_M = 1, 7, 15
 
 
 @dataclass
@@ -105,7 +104,7 @@ def test_a_checkpoint_converts_to_an_f16_llama_gguf_with_the_smollm2_tokenizer(f
     bundled = metadata(bundled_model_path())
     assert meta["general.architecture"] == "llama"
     assert meta["general.name"] == "tiny-llama"
-    assert meta["general.file_type"] == str(LLAMA_FTYPE_MOSTLY_F16)
+    assert meta["general.file_type"] == str(int(LlamaFileType.MOSTLY_F16))
     assert meta["llama.block_count"] == "2" and meta["llama.embedding_length"] == "256"
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
                 "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "n_vocab"):
@@ -127,7 +126,7 @@ def test_a_checkpoint_converts_straight_to_q8_0_and_generates(tiny_llama_checkpo
     events, progress = _recorder()
     path = convert_checkpoint(source_dir=tiny_llama_checkpoint, out_path=tmp_path / "tiny-q8_0.gguf", outtype="q8_0",
                               progress=progress)
-    assert metadata(path)["general.file_type"] == str(LLAMA_FTYPE_MOSTLY_Q8_0)
+    assert metadata(path)["general.file_type"] == str(int(LlamaFileType.MOSTLY_Q8_0))
     types = tensor_types(path)
     assert types["blk.0.ffn_down.weight"] == GGMLQuantizationType.Q8_0
     assert types["output_norm.weight"] == GGMLQuantizationType.F32
@@ -140,7 +139,7 @@ def test_a_checkpoint_converts_straight_to_q8_0_and_generates(tiny_llama_checkpo
 
 def test_an_f16_model_quantizes_to_q4_k_m_with_real_k_quant_tensors(q4_k_m_model, f16_model):
     meta = metadata(q4_k_m_model.path)
-    assert meta["general.file_type"] == str(LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    assert meta["general.file_type"] == str(int(LlamaFileType.MOSTLY_Q4_K_M))
     assert meta["tokenizer.ggml.pre"] == "smollm"
     types = tensor_types(q4_k_m_model.path)
     # rows of 256 columns, so llama.cpp uses k-quants here rather than its fallback types
@@ -188,7 +187,7 @@ def test_a_leftover_partial_file_from_a_dead_run_is_replaced(f16_model, tmp_path
     out = tmp_path / "tiny-Q8_0.gguf"
     partial_path(out).write_bytes(b"GGUF half written by a worker that died")
     quantize(source=f16_model.path, out_path=out, qtype="q8_0", threads=2)
-    assert metadata(out)["general.file_type"] == str(LLAMA_FTYPE_MOSTLY_Q8_0)
+    assert metadata(out)["general.file_type"] == str(int(LlamaFileType.MOSTLY_Q8_0))
     assert_only(tmp_path, "tiny-Q8_0.gguf")
 
 
@@ -238,6 +237,10 @@ def test_an_unknown_quantization_type_is_refused_with_the_valid_ones(f16_model, 
     assert all(name in str(refused.value) for name in SUPPORTED_QUANT_TYPES)
 
 
+def test_every_offered_quantization_type_is_the_llama_cpp_file_type_of_that_name():
+    assert QUANT_FTYPES == {name: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}") for name in SUPPORTED_QUANT_TYPES}
+
+
 def test_requantizing_an_already_quantized_model_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="requantizing from type q4_1 is disabled"):
         quantize(source=bundled_model_path(), out_path=tmp_path / "x.gguf", qtype="Q4_K_M", threads=2)
@@ -245,7 +248,7 @@ def test_requantizing_an_already_quantized_model_is_refused(tmp_path):
 
 
 def test_a_source_that_is_not_gguf_is_refused(tiny_llama_checkpoint, tmp_path):
-    with pytest.raises(ConversionError, match="is not a GGUF file"):
+    with pytest.raises(ConversionError, match=r"^model\.safetensors: not a GGUF file: it starts with"):
         quantize(source=tiny_llama_checkpoint / "model.safetensors", out_path=tmp_path / "x.gguf", qtype="Q8_0")
 
 

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.fakehub import FakeFile, FakeHub, FakeHubProcess, FakeRepo
+from llmplatform import devstack
+from tests.fakehub import FakeFile, FakeHub, FakeRepo
 from workers import hf
 from workers.bundled import bundled_model_path
 from workers.files import sha256_file
@@ -31,15 +32,6 @@ HUGE = "llmp-test/huge-gguf"
 READER_TOKEN = "hf_reader_token_for_tests"
 ROOT = Path(__file__).resolve().parents[2]
 MB = 1_000_000
-
-
-def wait_until(condition, *, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +117,12 @@ def test_it_downloads_a_gguf_with_monotonic_progress_ending_at_the_total_and_the
         events.append((done, total))
         final_seen.append(final.exists())
 
-    path = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path, progress=progress, report_interval=0.05)
+    downloaded = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path, progress=progress,
+                                report_interval=0.05)
 
     total = gguf.stat().st_size
-    assert path == final
-    assert hf.sha256_file(path) == sha256_file(gguf)
+    assert downloaded.path == final
+    assert downloaded.sha256 == sha256_file(final) == sha256_file(gguf)  # the digest it checked is the file's
     assert len(events) >= 4
     assert all(t == total for _, t in events)
     assert [d for d, _ in events] == sorted(d for d, _ in events)
@@ -153,13 +146,13 @@ def test_a_cancelled_download_keeps_its_partial_file_and_resumes_it_with_a_range
     fake_hub.throttle_bps = None
     fake_hub.clear_requests()
     resumed = []
-    path = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path,
-                          progress=lambda done, total: resumed.append(done))
+    downloaded = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path,
+                                progress=lambda done, total: resumed.append(done))
 
     gets = fake_hub.file_requests(SMOL, gguf.name)
     assert len(gets) == 1 and gets[0].headers["range"] == f"bytes={kept}-" and gets[0].status == 206
     assert resumed[0] == kept
-    assert hf.sha256_file(path) == sha256_file(gguf)
+    assert downloaded.sha256 == sha256_file(downloaded.path) == sha256_file(gguf)
     assert partial_files(tmp_path) == []
 
 
@@ -171,7 +164,8 @@ def test_a_download_killed_with_sigkill_resumes_from_its_partial_file(fake_hub, 
         hf.hf_download(repo_id={SMOL!r}, filename={gguf.name!r}, dest_dir=Path({str(tmp_path)!r}))
     """)], cwd=ROOT, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     try:
-        wait_until(lambda: partial_size(tmp_path) >= 8 * MB, what="the child's partial file to pass 8 MB")
+        devstack.wait_until(lambda: partial_size(tmp_path) >= 8 * MB, timeout=20, interval=0.02,
+                            what="the child's partial file to pass 8 MB")
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
@@ -183,21 +177,21 @@ def test_a_download_killed_with_sigkill_resumes_from_its_partial_file(fake_hub, 
 
     fake_hub.throttle_bps = None
     fake_hub.clear_requests()
-    path = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path)
+    downloaded = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path)
 
     gets = fake_hub.file_requests(SMOL, gguf.name)
     assert [g.range_start for g in gets] == [kept]
-    assert hf.sha256_file(path) == sha256_file(gguf)
+    assert downloaded.sha256 == sha256_file(downloaded.path) == sha256_file(gguf)
 
 
 def test_a_connection_dropped_mid_download_is_resumed_within_the_same_call(fake_hub, gguf, tmp_path):
     fake_hub.drop_after_bytes = 40 * MB
 
-    path = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path)
+    downloaded = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path)
 
     starts = [g.range_start for g in fake_hub.file_requests(SMOL, gguf.name)]
     assert starts == [None, 40 * MB, 80 * MB]
-    assert hf.sha256_file(path) == sha256_file(gguf)
+    assert downloaded.sha256 == sha256_file(downloaded.path) == sha256_file(gguf)
 
 
 def test_a_file_already_complete_is_verified_and_not_downloaded_again(fake_hub, gguf, tmp_path):
@@ -205,9 +199,10 @@ def test_a_file_already_complete_is_verified_and_not_downloaded_again(fake_hub, 
     fake_hub.clear_requests()
     events = []
 
-    path = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path, progress=lambda *e: events.append(e))
+    downloaded = hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path,
+                                progress=lambda *e: events.append(e))
 
-    assert path == tmp_path / gguf.name
+    assert downloaded == hf.HfDownloaded(tmp_path / gguf.name, sha256_file(gguf))
     assert fake_hub.file_requests(SMOL, gguf.name) == []
     assert events == [(gguf.stat().st_size, gguf.stat().st_size)]
 
@@ -215,10 +210,10 @@ def test_a_file_already_complete_is_verified_and_not_downloaded_again(fake_hub, 
 def test_a_cancel_that_comes_after_the_last_byte_does_not_undo_the_finished_download(fake_hub, tmp_path):
     seen = []
 
-    path = hf.hf_download(repo_id=OTHER, filename="smol.F16.gguf", dest_dir=tmp_path,
-                          progress=lambda done, total: seen.append(done == total), should_cancel=lambda: seen[-1])
+    downloaded = hf.hf_download(repo_id=OTHER, filename="smol.F16.gguf", dest_dir=tmp_path,
+                                progress=lambda done, total: seen.append(done == total), should_cancel=lambda: seen[-1])
 
-    assert path.read_bytes() == b"GGUF" + bytes(10)
+    assert downloaded.path.read_bytes() == b"GGUF" + bytes(10)
     assert seen[-1]
 
 
@@ -237,25 +232,31 @@ def test_a_second_download_of_the_same_file_is_refused_while_the_first_runs(fake
     runner = threading.Thread(target=first)
     runner.start()
     try:
-        wait_until(lambda: partial_size(tmp_path) > 0, what="the first download to start writing")
-        with pytest.raises(hf.HfDownloadBusy) as busy:
+        devstack.wait_until(lambda: partial_size(tmp_path) > 0, timeout=20, interval=0.02,
+                            what="the first download to start writing")
+        held = partial_size(tmp_path)
+        with pytest.raises(hf.HfDownloadBusy, match="already being downloaded"):
             hf.hf_download(repo_id=SMOL, filename=gguf.name, dest_dir=tmp_path)
-        assert busy.value.retryable
-        assert hf.hf_discard_partial(dest_dir=tmp_path, filename=gguf.name) == 0  # it is in use
+        assert partial_size(tmp_path) >= held  # the refused call left the first one's partial file alone
     finally:
         stop.set()
         runner.join(timeout=20)
     assert len(outcome) == 1
-
-    assert hf.hf_discard_partial(dest_dir=tmp_path, filename=gguf.name) > 0
-    assert not (tmp_path / hf.PARTIAL_DIR_NAME).exists()
+    assert len(partial_files(tmp_path)) == 1 and not (tmp_path / gguf.name).exists()
 
 
 def test_a_nested_file_lands_under_its_folder(fake_hub, tmp_path):
-    path = hf.hf_download(repo_id=SMOL, filename="extra/Q8_0/smol-Q8_0.gguf", dest_dir=tmp_path)
+    downloaded = hf.hf_download(repo_id=SMOL, filename="extra/Q8_0/smol-Q8_0.gguf", dest_dir=tmp_path)
 
-    assert path == tmp_path / "extra/Q8_0/smol-Q8_0.gguf"
-    assert path.read_bytes() == b"GGUF" + bytes(60)
+    assert downloaded.path == tmp_path / "extra/Q8_0/smol-Q8_0.gguf"
+    assert downloaded.path.read_bytes() == b"GGUF" + bytes(60)
+
+
+def test_a_file_outside_lfs_is_checked_by_its_size_and_comes_back_without_a_sha256(fake_hub, tmp_path):
+    downloaded = hf.hf_download(repo_id=SMOL, filename="README.md", dest_dir=tmp_path)
+
+    assert downloaded == hf.HfDownloaded(tmp_path / "README.md", None)
+    assert downloaded.path.read_bytes() == b"# SmolLM2 GGUF\n"
 
 
 def test_a_filename_that_climbs_out_of_the_destination_is_refused(fake_hub, tmp_path):
@@ -278,9 +279,9 @@ def test_a_private_repo_without_a_token_is_access_denied_with_a_401(fake_hub, tm
 def test_HF_TOKEN_from_the_environment_opens_a_private_repo(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", READER_TOKEN)
 
-    path = hf.hf_download(repo_id=PRIVATE, filename="tiny.Q4_K_M.gguf", dest_dir=tmp_path)
+    downloaded = hf.hf_download(repo_id=PRIVATE, filename="tiny.Q4_K_M.gguf", dest_dir=tmp_path)
 
-    assert path.stat().st_size == 300_000
+    assert downloaded.path.stat().st_size == 300_000
     assert [f["path"] for f in hf.hf_repo_files(repo_id=PRIVATE)] == ["tiny.Q4_K_M.gguf"]
     assert all(r.headers["authorization"] == f"Bearer {READER_TOKEN}" for r in fake_hub.requests)
 
@@ -288,9 +289,9 @@ def test_HF_TOKEN_from_the_environment_opens_a_private_repo(fake_hub, tmp_path, 
 def test_a_token_argument_wins_over_HF_TOKEN(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_someone_elses_token")
 
-    path = hf.hf_download(repo_id=PRIVATE, filename="tiny.Q4_K_M.gguf", dest_dir=tmp_path, token=READER_TOKEN)
+    downloaded = hf.hf_download(repo_id=PRIVATE, filename="tiny.Q4_K_M.gguf", dest_dir=tmp_path, token=READER_TOKEN)
 
-    assert path.stat().st_size == 300_000
+    assert downloaded.path.stat().st_size == 300_000
     with pytest.raises(hf.HfAccessDenied, match="refused the token"):
         hf.hf_repo_files(repo_id=PRIVATE)
 
@@ -301,34 +302,35 @@ def test_a_gated_repo_without_access_says_it_is_gated(fake_hub, tmp_path):
     with pytest.raises(hf.HfAccessDenied, match="gated"):
         hf.hf_download(repo_id=GATED, filename="tiny.gguf", dest_dir=tmp_path, token="hf_not_granted")
     assert [r.status for r in fake_hub.requests] == [401, 403]
-    assert hf.hf_download(repo_id=GATED, filename="tiny.gguf", dest_dir=tmp_path, token=READER_TOKEN).is_file()
+    assert hf.hf_download(repo_id=GATED, filename="tiny.gguf", dest_dir=tmp_path, token=READER_TOKEN).path.is_file()
 
 
 # --- errors --------------------------------------------------------------------------------------
 
-def test_a_missing_repo_file_or_revision_each_get_their_own_error(fake_hub, tmp_path):
+def test_a_missing_repo_file_or_revision_each_get_their_own_error_and_leave_nothing_on_disk(fake_hub, tmp_path):
+    store = tmp_path / "store"
     with pytest.raises(hf.HfRepoNotFound, match="'llmp-test/nope' does not exist"):
-        hf.hf_download(repo_id="llmp-test/nope", filename="x.gguf", dest_dir=tmp_path)
+        hf.hf_download(repo_id="llmp-test/nope", filename="sub/x.gguf", dest_dir=store)
     with pytest.raises(hf.HfRepoNotFound):
         hf.hf_repo_files(repo_id="llmp-test/nope")
-    with pytest.raises(hf.HfFileNotFound, match="has no file 'missing.gguf'"):
-        hf.hf_download(repo_id=SMOL, filename="missing.gguf", dest_dir=tmp_path)
+    with pytest.raises(hf.HfFileNotFound, match="has no file 'nested/missing.gguf'"):
+        hf.hf_download(repo_id=SMOL, filename="nested/missing.gguf", dest_dir=store)
     with pytest.raises(hf.HfRevisionNotFound, match="no revision 'v9'"):
-        hf.hf_download(repo_id=SMOL, filename="README.md", dest_dir=tmp_path, revision="v9")
+        hf.hf_download(repo_id=SMOL, filename="README.md", dest_dir=store, revision="v9")
     with pytest.raises(hf.HfRevisionNotFound):
         hf.hf_repo_files(repo_id=SMOL, revision="v9")
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert list(tmp_path.iterdir()) == []  # not even an empty directory
 
 
-def test_an_unreachable_hub_is_a_retryable_network_error(fake_hub, tmp_path, monkeypatch):
+def test_an_unreachable_hub_is_a_network_error(fake_hub, tmp_path, monkeypatch):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
 
-    with pytest.raises(hf.HfNetworkError, match=f"could not reach the Hugging Face Hub at http://127.0.0.1:{port}") as error:
+    with pytest.raises(hf.HfNetworkError, match=f"could not reach the Hugging Face Hub at http://127.0.0.1:{port}"):
         hf.hf_download(repo_id=SMOL, filename="README.md", dest_dir=tmp_path)
-    assert error.value.retryable
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_file_larger_than_the_free_disk_space_is_refused_before_any_byte_is_written(fake_hub, tmp_path):
@@ -342,13 +344,23 @@ def test_a_file_larger_than_the_free_disk_space_is_refused_before_any_byte_is_wr
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
-# --- the fake hub as its own process -----------------------------------------------------------
+# --- the fake hub as its own process (python -m tests.fakehub, as the README runs it) ------------
 
-def test_the_standalone_fake_hub_serves_the_bundled_model_and_reports_its_requests(gguf, monkeypatch):
-    with FakeHubProcess(["--throttle", "1000"]) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+def test_the_standalone_fake_hub_serves_the_bundled_model_and_reports_its_requests(gguf, monkeypatch, tmp_path):
+    port = devstack.free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = devstack.start("fakehub", ["-m", "tests.fakehub", "--port", str(port), "--throttle", "1000"],
+                             env=devstack.child_env(), log_dir=tmp_path / "logs")
+    try:
+        devstack.wait_until(lambda: "fakehub listening on" in process.log(), timeout=30, what="the fake hub to listen",
+                            processes=(process,))
+        assert f"fakehub listening on {endpoint}" in process.log()
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
         files = hf.hf_repo_files(repo_id="llmplatform/SmolLM2-135M-Instruct-GGUF")
-        hub.set_throttle(None)
-        assert [(f["path"], f["size"]) for f in files] == [(gguf.name, gguf.stat().st_size)]
-        assert [r["path"].split("?")[0] for r in hub.requests()] == [
+        assert httpx.post(f"{endpoint}/_fakehub/throttle?bps=0").json() == {"throttle_bps": None}
+        assert [(f["path"], f["size"], f["sha256"]) for f in files] == [
+            (gguf.name, gguf.stat().st_size, sha256_file(gguf))]
+        assert [r["path"].split("?")[0] for r in httpx.get(f"{endpoint}/_fakehub/requests").json()] == [
             "/api/models/llmplatform/SmolLM2-135M-Instruct-GGUF/tree/main"]
+    finally:
+        process.stop()

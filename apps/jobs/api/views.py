@@ -1,17 +1,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from apps.gateway.authentication import request_user
+from apps.gateway.sse import KEEP_ALIVE, sse_frame, sse_response
 from apps.jobs import events
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
@@ -53,10 +53,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return Response(JobSerializer(job).data)
 
 
-def _sse_frame(event: events.JobEvent) -> bytes:
-    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
 async def job_events(request: HttpRequest, job_id: str):
     """Server-sent events of one job: its history (after ``Last-Event-ID`` when given), then live ones,
     until the job ends. For clients without WebSocket."""
@@ -82,17 +78,14 @@ async def job_events(request: HttpRequest, job_id: str):
                 if terminal:
                     return
                 terminal = await sync_to_async(lambda: job_visible(user=user, job_id=job.pk).is_terminal)()
-                yield b": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
             for entry_id, fields in entries[0][1]:
                 event = events.event_decode(entry_id, fields)
                 cursor = event["id"]
-                yield _sse_frame(event)
+                yield sse_frame(event, event=event["type"], event_id=event["id"])
                 if event["type"] in events.FINAL_TYPES:
                     return
             await asyncio.sleep(0)
 
-    response = StreamingHttpResponse(stream(), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return sse_response(stream())

@@ -7,7 +7,6 @@ characters.
 from __future__ import annotations
 
 from rest_framework import permissions, serializers, status, viewsets
-from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 
 from apps.models.external import model_delete_external, model_register_external, model_update_external
@@ -42,12 +41,6 @@ class ExternalModelSerializer(serializers.Serializer):
         return secret_hint(model.endpoint.api_key_encrypted)
 
 
-def _api_error(error: ModelError) -> APIException:
-    exception = APIException(str(error))
-    exception.status_code = error.status
-    return exception
-
-
 class ExternalModelViewSet(viewsets.ModelViewSet):
     """Models served by another OpenAI-compatible server. Anyone signed in may list them; staff change them."""
 
@@ -68,14 +61,9 @@ class ExternalModelViewSet(viewsets.ModelViewSet):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         endpoint = data.get("endpoint", {})
-        try:
-            model = model_register_external(name=data["name"], base_url=endpoint["base_url"],
-                                            upstream_model=endpoint.get("upstream_model"),
-                                            api_key=data.get("api_key", ""), created_by=request.user)
-            if data.get("is_active") is False:
-                model = model_update_external(model=model, is_active=False)
-        except ModelError as error:
-            raise _api_error(error) from error
+        model = model_register_external(name=data["name"], base_url=endpoint["base_url"],
+                                        upstream_model=endpoint.get("upstream_model"), api_key=data.get("api_key", ""),
+                                        is_active=data.get("is_active", True), created_by=request.user)
         return Response(self.get_serializer(self.get_queryset().get(pk=model.pk)).data, status=status.HTTP_201_CREATED)
 
     def update(self, request, *args, **kwargs):
@@ -84,14 +72,10 @@ class ExternalModelViewSet(viewsets.ModelViewSet):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         if "name" in data and data["name"] != model.id:
-            raise _api_error(ModelError("A model cannot be renamed; register a new one instead"))
+            raise ModelError("A model cannot be renamed; register a new one instead")
         endpoint = data.get("endpoint", {})
-        try:
-            model_update_external(model=model, base_url=endpoint.get("base_url"),
-                                  upstream_model=endpoint.get("upstream_model"), api_key=data.get("api_key"),
-                                  is_active=data.get("is_active"))
-        except ModelError as error:
-            raise _api_error(error) from error
+        model_update_external(model=model, base_url=endpoint.get("base_url"), upstream_model=endpoint.get("upstream_model"),
+                              api_key=data.get("api_key"), is_active=data.get("is_active"))
         return Response(self.get_serializer(self.get_queryset().get(pk=model.pk)).data)
 
     def destroy(self, request, *args, **kwargs):

@@ -17,7 +17,7 @@ from apps.gateway.authentication import request_user
 from apps.jobs.api.serializers import JobSerializer
 from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_download_start, model_quantize_start
 from apps.models.models import ModelCopy, ModelSource, RegisteredModel
-from apps.models.services import GGUF_SUFFIX, ModelError, model_path
+from apps.models.services import GGUF_SUFFIX, model_path
 from apps.nodes.selectors import node_get
 from apps.nodes.services import node_models_unload
 from llmplatform.celery import app as celery_app
@@ -28,16 +28,6 @@ BLOB_TOKEN_MAX_AGE = 24 * 3600
 
 def _error(message: str, code: int) -> Response:
     return Response({"error": message}, status=code)
-
-
-def _hub_status(exc) -> int:
-    from workers import hf
-
-    if isinstance(exc, (hf.HfRepoNotFound, hf.HfRevisionNotFound, hf.HfFileNotFound)):
-        return 404
-    if isinstance(exc, hf.HfAccessDenied):
-        return 403
-    return 502
 
 
 class HubSearchView(APIView):
@@ -53,10 +43,7 @@ class HubSearchView(APIView):
             limit = min(100, max(1, int(request.query_params.get("limit", 20))))
         except ValueError:
             return _error("limit must be an integer", 400)
-        try:
-            return Response({"models": hf.hf_search(query=query, limit=limit)})
-        except hf.HfError as exc:
-            return _error(str(exc), _hub_status(exc))
+        return Response({"models": hf.hf_search(query=query, limit=limit)})
 
 
 class HubFilesView(APIView):
@@ -68,10 +55,7 @@ class HubFilesView(APIView):
         repo = request.query_params.get("repo", "").strip()
         if not repo:
             return _error("repo is required", 400)
-        try:
-            files = hf.hf_repo_files(repo_id=repo, revision=request.query_params.get("revision") or None)
-        except hf.HfError as exc:
-            return _error(str(exc), _hub_status(exc))
+        files = hf.hf_repo_files(repo_id=repo, revision=request.query_params.get("revision") or None)
         return Response({"repo": repo, "files": files, "gguf_files": [f for f in files if f.get("is_gguf")]})
 
 
@@ -105,10 +89,7 @@ class QuantizeSerializer(serializers.Serializer):
 def _start(serializer_class, request, start) -> Response:
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
-    try:
-        job = start(serializer.validated_data, request.user)
-    except ModelError as exc:
-        return _error(str(exc), exc.status)
+    job = start(serializer.validated_data, request.user)
     return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 

@@ -133,8 +133,6 @@ class ModelsView(APIView):
         request._request.upload_handlers = [GGUFUploadHandler(request._request)]
         try:
             received = request.FILES.get(FILE_FIELD)
-        except ModelError as exc:
-            return _error(str(exc), exc.status)
         except ParseError as exc:
             return _error(f"Malformed multipart body: {exc.detail}", 400)
         if received is None:
@@ -151,10 +149,7 @@ class ModelsView(APIView):
             return _error("No file selected", 400)
         if RegisteredModel.objects.filter(id=model_id).exists() or RegisteredModel.objects.filter(file_name=name).exists():
             return _error("File already exists", 409)
-        try:
-            facts = gguf_facts(received.path)  # the whole header, before the file goes where workers look
-        except ModelError as exc:
-            return _error(str(exc), 400)
+        facts = gguf_facts(received.path)  # the whole header, before the file goes where workers look
         final = settings.MODELS_DIR / name
         try:
             os.link(received.path, final)
@@ -184,12 +179,9 @@ class ModelsView(APIView):
             return _error("Model name is required", 400)
         if not endpoint:
             return _error("Endpoint is required for an external API model", 400)
-        try:
-            model = model_register_external(name=name, base_url=endpoint, api_key=str(body.get("api_key") or ""),
-                                            upstream_model=body.get("upstream_model") or None,
-                                            created_by=request.user if request.user.is_authenticated else None)
-        except ModelError as exc:
-            return _error(str(exc), exc.status)
+        model = model_register_external(name=name, base_url=endpoint, api_key=str(body.get("api_key") or ""),
+                                        upstream_model=body.get("upstream_model") or None,
+                                        created_by=request.user if request.user.is_authenticated else None)
         return Response({"message": "External model registered successfully", "filename": model.id,
                          "model_info": model_info(model)})
 
@@ -285,19 +277,16 @@ class GenerateView(APIView):
         model = model_by_name(model_name.strip())
         if model is None or not model.is_active:
             return _error("Model not found", 404)
-        try:
-            temperature = body.get("temperature", settings.LLMP_GENERATE_TEMPERATURE)
-            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-                raise ModelError("temperature must be a number from 0 to 2")
-            # Accepted for compatibility: a node loads a model once with its own offload and batch settings.
-            _int_field(body, "n_gpu_layers", 40, -1)
-            _int_field(body, "n_batch", 512, 1)
-            max_tokens = _int_field(body, "max_tokens", settings.LLMP_DEFAULT_MAX_TOKENS, 1)
-            template = body.get("template")
-            if template is not None and not isinstance(template, str):
-                raise ModelError("template must be a string")
-        except ModelError as exc:
-            return _error(str(exc), 400)
+        temperature = body.get("temperature", settings.LLMP_GENERATE_TEMPERATURE)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            return _error("temperature must be a number from 0 to 2", 400)
+        # Accepted for compatibility: a node loads a model once with its own offload and batch settings.
+        _int_field(body, "n_gpu_layers", 40, -1)
+        _int_field(body, "n_batch", 512, 1)
+        max_tokens = _int_field(body, "max_tokens", settings.LLMP_DEFAULT_MAX_TOKENS, 1)
+        template = body.get("template")
+        if template is not None and not isinstance(template, str):
+            return _error("template must be a string", 400)
         if template and "{question}" in template:
             request_body = {"prompt": template.replace("{question}", question)}
         else:
