@@ -11,6 +11,7 @@ from pathlib import Path
 import dj_database_url
 
 from llmplatform.env import ImproperlyConfiguredEnv, env_bool, env_float, env_int, env_list, env_path, env_str
+from llmplatform.secret_key import secret_key_resolve
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -18,10 +19,21 @@ DATA_DIR = env_path("LLMP_DATA_DIR", BASE_DIR / "data")
 MODELS_DIR = env_path("LLMP_MODELS_DIR", DATA_DIR / "models")
 MODELS_DIR.mkdir(parents=True, exist_ok=True)
 
-SECRET_KEY = env_str("DJANGO_SECRET_KEY", "insecure-dev-key-change-me-in-production")
+# DJANGO_SECRET_KEY, or this install's own random key in DATA_DIR/secret_key (made on first start).
+SECRET_KEY = secret_key_resolve(data_dir=DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (nginx, Caddy, a load balancer):
+# requests it marks https count as secure, cookies travel only over HTTPS, and plain-HTTP requests
+# are redirected, except the health checks, which the container runtime calls over plain HTTP.
+# HSTS is left to the proxy (security.W004 stays in `check --deploy`).
+LLMP_TLS_PROXY = env_bool("LLMP_TLS_PROXY", False)
+if LLMP_TLS_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_SSL_REDIRECT = LLMP_TLS_PROXY
+SECURE_REDIRECT_EXEMPT = [r"^health(/|$)"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -210,8 +222,10 @@ LLMP_POOL_MEMORY_BUDGET_MB = env_int("LLMP_POOL_MEMORY_BUDGET_MB", 0, minimum=0)
 LLMP_POOL_SLOTS_PER_MODEL = env_int("LLMP_POOL_SLOTS_PER_MODEL", 2, minimum=1)
 LLMP_N_CTX = env_int("LLMP_N_CTX", 4096, minimum=256)
 LLMP_N_GPU_LAYERS = env_int("LLMP_N_GPU_LAYERS", -1)
-LLMP_N_THREADS = env_int("LLMP_N_THREADS", 0, minimum=0)  # 0: llama.cpp picks
+LLMP_N_THREADS = env_int("LLMP_N_THREADS", 0, minimum=0)  # 0: every CPU the worker may use
 LLMP_WORKER_CONCURRENCY = env_int("LLMP_WORKER_CONCURRENCY", 4, minimum=1)
+# Seconds the start-up test decode (workers/selftest.py) may take before the node counts as unhealthy.
+LLMP_SELFTEST_TIMEOUT = env_float("LLMP_SELFTEST_TIMEOUT", 120.0, minimum=1.0)
 
 # --- DRF ---------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -2,7 +2,8 @@
 
 Nothing here starts a container: the compose file is checked by ``docker-compose config``
 (when installed) and by reading it, against the worker's real argument parser, the Celery
-app, and the environment variables the code actually reads.
+app, the environment variables the code actually reads, and Django's own deploy checks run
+on the web service's environment.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import ast
 import importlib.util
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -27,7 +30,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 
 # Directories that are not the platform's code: virtualenvs, data, and the tests themselves
 # (a name mentioned only in a test is not read by the platform).
-_NOT_CODE = {".venv", "venv", ".git", "__pycache__", "node_modules", "data", "tests"}
+_NOT_CODE = {".venv", "venv", ".git", "__pycache__", "node_modules", "data", "tests", "bench"}  # bench: not in the image
 _ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
 _ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_list", "env_path"}
 
@@ -129,18 +132,72 @@ def nvidia_reservations(service: dict) -> list[dict]:
     return [device for device in devices if device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", [])]
 
 
-# --- the file as a whole --------------------------------------------------------------------------
-
-
-def test_docker_compose_accepts_the_compose_file():
+def docker_compose_config(tmp_path: Path, **shell: str) -> subprocess.CompletedProcess:
+    """``docker-compose config`` as run from a shell that holds only ``shell`` (and no .env file)."""
     executable = shutil.which("docker-compose")
     if executable is None:
         if os.environ.get("CI"):
             pytest.fail("docker-compose is not installed on this CI machine (apt-get install docker-compose)")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
-    result = subprocess.run([executable, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"docker-compose config -q failed:\n{result.stdout}{result.stderr}"
+    no_env_file = tmp_path / "empty.env"
+    no_env_file.write_text("")
+    return subprocess.run([executable, "--env-file", str(no_env_file), "-f", str(COMPOSE_FILE), "config"], cwd=ROOT,
+                          env={"PATH": os.environ["PATH"], **shell}, capture_output=True, text=True, timeout=60)
+
+
+def a_secret() -> str:
+    return secrets.token_urlsafe(48)
+
+
+_CHECK_ID = re.compile(r"\(([\w.]+\.[EWCI]\d{3})\)")
+
+
+def deploy_check_ids(tmp_path: Path, **shell: str) -> set[str]:
+    """The ids that ``manage.py check --deploy`` reports, run with the environment that
+    docker-compose gives the web service when started from a shell holding ``shell``."""
+    config = docker_compose_config(tmp_path, DJANGO_SECRET_KEY=a_secret(), **shell)
+    assert config.returncode == 0, config.stderr
+    web = yaml.safe_load(config.stdout)["services"]["web"]
+    environment = {name: str(value) for name, value in web["environment"].items()}
+    # The container's volumes, here: only where files go changes, nothing a deploy check looks at.
+    environment.update(LLMP_DATA_DIR=str(tmp_path / "data"), LLMP_MODELS_DIR=str(tmp_path / "data" / "models"))
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy"], cwd=ROOT,
+                            env={"PATH": os.environ["PATH"], **environment}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"manage.py check --deploy failed:\n{result.stdout}{result.stderr}"
+    return set(_CHECK_ID.findall(result.stdout + result.stderr))
+
+
+# --- the file as a whole --------------------------------------------------------------------------
+
+
+def test_docker_compose_accepts_the_compose_file_given_a_secret(tmp_path):
+    result = docker_compose_config(tmp_path, DJANGO_SECRET_KEY=a_secret())
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stdout}{result.stderr}"
+
+
+def test_docker_compose_refuses_to_start_without_a_secret_and_says_which(tmp_path):
+    for shell in ({}, {"DJANGO_SECRET_KEY": ""}):
+        result = docker_compose_config(tmp_path, **shell)
+        assert result.returncode != 0, f"docker-compose config passed with {shell}"
+        assert "DJANGO_SECRET_KEY must be set" in result.stderr, result.stderr
+        assert "openssl rand -hex 32" in result.stderr, result.stderr
+
+
+def test_every_platform_service_requires_the_secret_and_none_has_a_default():
+    for name, service in services().items():
+        value = (service.get("environment") or {}).get("DJANGO_SECRET_KEY")
+        if name in ("postgres", "redis"):
+            assert value is None, f"{name} does not need the secret"
+        else:
+            assert str(value).startswith("${DJANGO_SECRET_KEY:?"), f"{name} has a default secret: {value!r}"
+
+
+def test_the_gateway_passes_the_deploy_checks_but_the_ones_a_tls_proxy_answers(tmp_path):
+    assert deploy_check_ids(tmp_path) == {"security.W004", "security.W008", "security.W012", "security.W016"}
+
+
+def test_behind_a_tls_proxy_only_hsts_is_left_to_the_proxy(tmp_path):
+    assert deploy_check_ids(tmp_path, LLMP_TLS_PROXY="true") == {"security.W004"}
 
 
 def test_the_fleet_has_a_database_redis_a_gateway_beat_and_gpu_workers():
@@ -304,7 +361,7 @@ def test_every_variable_in_env_example_is_read_by_the_code():
 
 
 # Variables of the Python process itself, not settings of the platform.
-PROCESS_VARIABLES = {"PYTHONPATH"}
+PROCESS_VARIABLES = {"PYTHONPATH", "XDG_CACHE_HOME"}
 
 
 def test_every_variable_the_code_reads_is_in_env_example():

@@ -7,15 +7,21 @@ them into HTTP the same way.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 
 from apps.models.models import ExternalEndpoint, ModelSource, RegisteredModel
-from apps.models.secrets import secret_encrypt
+from apps.models.secrets import SecretUnreadable, secret_encrypt, secret_reencrypt
 from apps.models.services import ModelConflict, ModelError, model_id_check
+
+logger = logging.getLogger(__name__)
 
 _BASE_URL_MAX_LENGTH = ExternalEndpoint._meta.get_field("base_url").max_length
 _UPSTREAM_MODEL_MAX_LENGTH = ExternalEndpoint._meta.get_field("upstream_model").max_length
@@ -102,3 +108,37 @@ def model_delete_external(*, model: RegisteredModel) -> None:
     if not model.is_external:
         raise ModelError(f"{model.id!r} is not an external model")
     model.delete()
+
+
+@dataclass
+class ExternalKeysReencrypted:
+    """What ``external_keys_reencrypt`` did, by model id."""
+
+    reencrypted: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def external_keys_reencrypt(*, previous_sources: Sequence[str],
+                            endpoints: QuerySet | None = None) -> ExternalKeysReencrypted:
+    """Make the stored upstream keys that were encrypted under one of ``previous_sources``
+    readable under the current key.
+
+    A key the current key already reads is not written. A key that none of them reads is left
+    as it is, and logged. A key entered again while this runs is kept. ``endpoints`` are the
+    rows to go through (default: all; a migration passes its historical model's).
+    """
+    rows = ExternalEndpoint.objects.all() if endpoints is None else endpoints
+    done = ExternalKeysReencrypted()
+    for model_id, token in rows.exclude(api_key_encrypted="").values_list("pk", "api_key_encrypted"):
+        try:
+            fresh = secret_reencrypt(token, previous_sources=previous_sources)
+        except SecretUnreadable:
+            logger.warning("The stored upstream API key of external model %r decrypts with no known key; "
+                           "left as it is: enter it again", model_id)
+            done.unreadable.append(model_id)
+            continue
+        if fresh != token and rows.filter(pk=model_id, api_key_encrypted=token).update(api_key_encrypted=fresh):
+            done.reencrypted.append(model_id)
+    if done.reencrypted:
+        logger.info("Re-encrypted the stored upstream API keys of %s under the current key", ", ".join(done.reencrypted))
+    return done

@@ -5,18 +5,22 @@ can be neither read nor altered without the key. The Fernet key is derived with 
 from ``LLMP_SECRETS_KEY`` when it is set, else from Django's ``SECRET_KEY``; changing that
 source makes every stored secret unreadable (``SecretUnreadable``) until it is entered again.
 Setting ``LLMP_SECRETS_KEY`` lets an operator rotate ``SECRET_KEY`` (sessions, signing)
-without losing the stored API keys.
+without losing the stored API keys. Secrets stored by an older install that ran on a published
+default ``SECRET_KEY`` are re-encrypted under the current key (``secret_reencrypt``).
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from functools import cache
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
+
+from llmplatform.secret_key import PUBLISHED_SECRET_KEYS
 
 _HKDF_SALT = b"llmplatform.secrets"
 _HKDF_INFO = b"fernet key for stored upstream API keys, v1"
@@ -45,18 +49,43 @@ def secret_encrypt(plain: str) -> str:
     return _fernet(_source_secret()).encrypt(plain.encode()).decode("ascii")
 
 
+def _decrypted(token: str, source: str) -> str | None:
+    try:
+        return _fernet(source).decrypt(token.encode("ascii")).decode()
+    except (InvalidToken, UnicodeError, ValueError):
+        return None
+
+
 def secret_decrypt(token: str) -> str:
     """The plain secret behind ``token``; ``""`` for an empty one. Raises ``SecretUnreadable``."""
     if not token:
         return ""
-    try:
-        return _fernet(_source_secret()).decrypt(token.encode("ascii")).decode()
-    except (InvalidToken, UnicodeError, ValueError):
+    plain = _decrypted(token, _source_secret())
+    if plain is None:
         raise SecretUnreadable(
-            "The stored secret cannot be decrypted with this server's key (LLMP_SECRETS_KEY, or "
-            "DJANGO_SECRET_KEY when that is unset): the key changed since it was stored, or the value is corrupt. "
-            "Enter the secret again."
-        ) from None
+            "The stored secret cannot be decrypted with this server's key (LLMP_SECRETS_KEY, or the secret key, "
+            "DJANGO_SECRET_KEY or LLMP_DATA_DIR/secret_key, when that is unset): the key changed since it was stored, "
+            "or the value is corrupt. Enter the secret again.")
+    return plain
+
+
+def secret_legacy_sources() -> list[str]:
+    """The published default ``SECRET_KEY``s of older versions that stored secrets may still be
+    encrypted under; none when secrets come from ``LLMP_SECRETS_KEY``, which never had a default."""
+    return [] if settings.LLMP_SECRETS_KEY else list(PUBLISHED_SECRET_KEYS)
+
+
+def secret_reencrypt(token: str, *, previous_sources: Sequence[str]) -> str:
+    """``token`` in a form the current key reads: ``token`` itself when it already does (or is empty),
+    else re-encrypted from the first of ``previous_sources`` whose key decrypts it. Raises
+    ``SecretUnreadable`` when none does."""
+    if not token or _decrypted(token, _source_secret()) is not None:
+        return token
+    for source in previous_sources:
+        plain = _decrypted(token, source)
+        if plain is not None:
+            return secret_encrypt(plain)
+    raise SecretUnreadable("The stored secret decrypts neither with this server's key nor with any earlier one")
 
 
 def secret_hint(token: str) -> str | None:

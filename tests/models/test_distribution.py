@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from django.conf import settings
 
 from apps.models.api.lifecycle import blob_token
 from apps.models.models import ModelCopy, RegisteredModel
@@ -69,11 +70,13 @@ def test_a_pull_resumes_a_partial_file_and_refetches_a_corrupt_one(platform, mod
 
 @pytest.fixture
 def remote_node(platform, tmp_path_factory):
-    """A worker on 'another machine': its own models directory, pulling from the platform's server."""
+    """A worker on 'another machine': its own models directory, pulling from the platform's server,
+    and the server's secret given to it in DJANGO_SECRET_KEY, as a remote worker needs."""
     models_dir = Path(tmp_path_factory.mktemp("remote-models"))
     name = f"remote-{RUN}"
     worker = devstack.start_worker(name, env=devstack.child_env(LLMP_MODELS_DIR=str(models_dir),
-                                                                LLMP_SERVER_URL=platform.base_url),
+                                                                LLMP_SERVER_URL=platform.base_url,
+                                                                DJANGO_SECRET_KEY=settings.SECRET_KEY),
                                    log_dir=Path(tmp_path_factory.mktemp("remote-logs")), extra=["--no-default-queue"])
     devstack.wait_ready(platform.base_url, nodes={name}, timeout=60, processes=(worker,))
     local = Node.objects.get(name=platform.node)
