@@ -1,4 +1,4 @@
-"""Liveness (the process answers) and readiness (database, Redis and a live worker answer)."""
+"""Liveness (the process answers) and readiness (database, Redis and a live, healthy worker answer)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
 from apps.gateway.dispatch import redis_client
-from apps.nodes.selectors import node_list_live
+from apps.nodes.selectors import node_list_live, node_list_unhealthy
 
 
 async def liveness(request: HttpRequest) -> JsonResponse:
@@ -34,9 +34,11 @@ async def readiness(request: HttpRequest) -> JsonResponse:
         checks["redis"] = {"ok": False, "error": str(exc)}
     try:
         nodes = [node.name async for node in node_list_live()]
-        checks["workers"] = {"ok": bool(nodes), "live_nodes": nodes}
+        unhealthy = {node.name: node.health_error async for node in node_list_unhealthy()}
+        checks["workers"] = {"ok": bool(nodes), "live_nodes": nodes, "unhealthy_nodes": unhealthy}
         if not nodes:
-            checks["workers"]["error"] = "no live worker node"
+            checks["workers"]["error"] = "no live worker node" + (
+                f" (unhealthy, failed their start-up test decode: {', '.join(sorted(unhealthy))})" if unhealthy else "")
     except Exception as exc:
         checks["workers"] = {"ok": False, "error": str(exc)}
     ready = all(check["ok"] for check in checks.values())

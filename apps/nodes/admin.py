@@ -18,11 +18,12 @@ class NodeStatusFilter(admin.SimpleListFilter):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ("name", "hostname", "queue", "gpu_index", "node_status", "cordoned", "cordoned_gpus",
+    list_display = ("name", "hostname", "queue", "gpu_index", "node_status", "health", "cordoned", "cordoned_gpus",
                     "last_heartbeat")
     list_filter = (NodeStatusFilter, "cordoned")
     search_fields = ("name", "hostname")
-    readonly_fields = ("started_at", "last_heartbeat", "created_at", "loaded_models", "hardware")
+    readonly_fields = ("started_at", "last_heartbeat", "created_at", "loaded_models", "hardware", "health_error",
+                       "health_checked_at", "health_detail")
     actions = ["cordon", "uncordon", "drain"]
 
     def get_queryset(self, request):
@@ -31,6 +32,15 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="current_status")
     def node_status(self, node: Node) -> str:
         return node.current_status
+
+    @admin.display(description="self-test")
+    def health(self, node: Node) -> str:
+        """The start-up test decode: its error, 'passed', 'not tested', or '-' when no worker reported one."""
+        if node.health_error:  # the whole text is on the node's page
+            return node.health_error if len(node.health_error) <= 100 else node.health_error[:99] + "…"
+        if not node.health_detail:
+            return "-"
+        return "passed" if node.health_detail.get("tested") else "not tested"
 
     @admin.action(description="Cordon: no new requests")
     def cordon(self, request, queryset):

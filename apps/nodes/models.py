@@ -6,10 +6,12 @@ from django.utils import timezone
 
 
 class NodeStatus(models.TextChoices):
-    """Derived from the age of a node's last heartbeat (see ``node_status_of``)."""
+    """Derived from the age of a node's last heartbeat and its start-up self-test (see ``node_status_of``)."""
 
     ONLINE = "online"
     DEGRADED = "degraded"
+    # Heartbeating, but its worker's test decode failed at start-up: it gets no requests.
+    UNHEALTHY = "unhealthy"
     OFFLINE = "offline"
 
 
@@ -25,11 +27,14 @@ def node_status_thresholds(now: datetime | None = None) -> tuple[datetime, datet
             now - timedelta(seconds=settings.LLMP_NODE_OFFLINE_SECONDS))
 
 
-def node_status_of(last_heartbeat: datetime, now: datetime | None = None) -> str:
+def node_status_of(last_heartbeat: datetime, now: datetime | None = None, *, health_error: str = "") -> str:
+    """Offline once the heartbeat is too old; else unhealthy if the self-test failed; else online or degraded."""
     online_after, live_after = node_status_thresholds(now)
-    if last_heartbeat >= online_after:
-        return NodeStatus.ONLINE
-    return NodeStatus.DEGRADED if last_heartbeat >= live_after else NodeStatus.OFFLINE
+    if last_heartbeat < live_after:
+        return NodeStatus.OFFLINE
+    if health_error:
+        return NodeStatus.UNHEALTHY
+    return NodeStatus.ONLINE if last_heartbeat >= online_after else NodeStatus.DEGRADED
 
 
 class Node(models.Model):
@@ -47,6 +52,13 @@ class Node(models.Model):
     # Maintenance: a cordoned node, or one using a cordoned GPU, gets no new requests.
     cordoned = models.BooleanField(default=False)
     cordoned_gpus = models.JSONField(default=list, blank=True, help_text="Indexes of this node's cordoned GPUs.")
+    # The test decode its worker runs at start-up, before taking traffic (workers/selftest.py).
+    health_error = models.TextField(blank=True, help_text="Why the start-up test decode failed; empty: it passed "
+                                                         "or found no model to test. A node with an error gets "
+                                                         "no requests.")
+    health_checked_at = models.DateTimeField(null=True, blank=True)
+    health_detail = models.JSONField(default=dict, blank=True, help_text="The self-test's result: model, elapsed "
+                                     "seconds, signal or exit code, last stderr lines, llama.cpp system info.")
 
     class Meta:
         ordering = ["name"]
@@ -56,7 +68,7 @@ class Node(models.Model):
 
     @property
     def status(self) -> str:
-        return node_status_of(self.last_heartbeat)
+        return node_status_of(self.last_heartbeat, health_error=self.health_error)
 
     @property
     def gpu_indexes(self) -> list[int]:

@@ -3,26 +3,40 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Case, CharField, QuerySet, Value, When
+from django.db.models import Case, CharField, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from apps.nodes.models import Node, NodeMetric, NodeStatus, node_status_thresholds
 from workers.hardware import GPU_FIGURES
 
 
-def node_list_live() -> QuerySet[Node]:
-    """Nodes that can take work: online or degraded, i.e. not offline."""
+def _heartbeating() -> QuerySet[Node]:
     _, live_after = node_status_thresholds()
     return Node.objects.filter(last_heartbeat__gte=live_after)
 
 
+def node_list_live() -> QuerySet[Node]:
+    """Nodes that can take work: online or degraded, i.e. heartbeating and not unhealthy."""
+    return _heartbeating().filter(health_error="")
+
+
+def node_list_unhealthy() -> QuerySet[Node]:
+    """Nodes that heartbeat but failed their start-up test decode: present, and given no work."""
+    return _heartbeating().exclude(health_error="")
+
+
 def node_list_with_status() -> QuerySet[Node]:
-    """Every node, annotated with ``current_status`` (online|degraded|offline) so it can be filtered on."""
+    """Every node, annotated with ``current_status`` (a ``NodeStatus``) so it can be filtered on.
+
+    The same rule as ``Node.status``: offline once the heartbeat is too old, else unhealthy
+    after a failed self-test, else online or degraded by the heartbeat's age.
+    """
     online_after, live_after = node_status_thresholds()
     return Node.objects.annotate(current_status=Case(
+        When(last_heartbeat__lt=live_after, then=Value(NodeStatus.OFFLINE.value)),
+        When(~Q(health_error=""), then=Value(NodeStatus.UNHEALTHY.value)),
         When(last_heartbeat__gte=online_after, then=Value(NodeStatus.ONLINE.value)),
-        When(last_heartbeat__gte=live_after, then=Value(NodeStatus.DEGRADED.value)),
-        default=Value(NodeStatus.OFFLINE.value), output_field=CharField()))
+        default=Value(NodeStatus.DEGRADED.value), output_field=CharField()))
 
 
 def node_get(*, ref: str, queryset: QuerySet[Node] | None = None) -> Node | None:

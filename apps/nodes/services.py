@@ -18,10 +18,14 @@ class NodeMaintenanceError(Exception):
     """A maintenance request that does not apply to this node (e.g. a GPU it does not have)."""
 
 
-def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: dict) -> Node:
-    """Create or refresh a node as its worker starts; the node is live from this moment.
+def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: dict, health_error: str = "",
+                  health_detail: dict | None = None) -> Node:
+    """Create or refresh a node as its worker starts; the node heartbeats from this moment.
 
-    Cordons survive a restart: an operator's maintenance outlasts the worker process.
+    ``health_error`` and ``health_detail`` are its worker's start-up test decode: with an error
+    the node is unhealthy (it gets no work) until a restart passes the test. Without a
+    ``health_detail`` nothing was checked. Cordons survive a restart: an operator's maintenance
+    outlasts the worker process.
     """
     now = timezone.now()
     node, _ = Node.objects.update_or_create(
@@ -34,6 +38,9 @@ def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: 
             "loaded_models": [],
             "started_at": now,
             "last_heartbeat": now,
+            "health_error": health_error,
+            "health_detail": health_detail or {},
+            "health_checked_at": now if health_detail is not None else None,
         },
     )
     return node

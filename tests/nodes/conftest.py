@@ -37,9 +37,12 @@ def make_node():
     gateway never routes a real request to one."""
     made: list[str] = []
 
-    def make(prefix: str = "row", *, hardware: dict | None = None, gpu_index: int | None = None) -> Node:
+    def make(prefix: str = "row", *, hardware: dict | None = None, gpu_index: int | None = None,
+             health_error: str = "") -> Node:
+        """``health_error``: registered as a worker whose start-up test decode failed with it."""
+        health_detail = {"tested": True, "ok": False, "error": health_error} if health_error else None
         node = node_register(name=f"{prefix}-{uuid.uuid4().hex[:6]}", hostname="h", gpu_index=gpu_index,
-                             hardware=hardware or {})
+                             hardware=hardware or {}, health_error=health_error, health_detail=health_detail)
         made.append(node.name)
         return node
 

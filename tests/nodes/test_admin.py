@@ -19,7 +19,7 @@ def admin_client() -> Client:
 
 
 @pytest.mark.parametrize("url", ["/admin/nodes/node/", "/admin/nodes/node/?status=degraded&cordoned__exact=1",
-                                 "/admin/nodes/nodemetric/"])
+                                 "/admin/nodes/node/?status=unhealthy", "/admin/nodes/nodemetric/"])
 def test_every_node_admin_page_opens(admin_client, url):
     assert admin_client.get(url).status_code == 200
 
@@ -33,3 +33,13 @@ def test_the_admin_shows_status_and_cordons_and_uncordons(admin_client, make_nod
     assert Node.objects.get(pk=node.pk).cordoned
     admin_client.post("/admin/nodes/node/", {"action": "uncordon", "_selected_action": [node.pk]})
     assert not Node.objects.get(pk=node.pk).cordoned
+
+
+def test_the_admin_shows_and_filters_an_unhealthy_node_with_its_self_test_error(admin_client, make_node):
+    error = "the test decode of m.gguf crashed with SIGSEGV while decoding after 0.9 s"
+    sick, well = make_node("adminsick", health_error=error), make_node("adminwell")
+    listed = admin_client.get("/admin/nodes/node/", {"status": "unhealthy"}).context["cl"].result_list
+    assert sick.name in [row.name for row in listed] and well.name not in [row.name for row in listed]
+    page = admin_client.get("/admin/nodes/node/", {"q": sick.name}).content.decode()
+    assert '<td class="field-node_status">unhealthy</td>' in page and error in page
+    assert error in admin_client.get(f"/admin/nodes/node/{sick.pk}/change/").content.decode()

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.nodes.models import Node, NodeMetric
-from apps.nodes.selectors import node_list_with_status
-from apps.nodes.services import node_heartbeat_record
+from apps.nodes.selectors import node_list_live, node_list_unhealthy, node_list_with_status
+from apps.nodes.services import node_heartbeat_record, node_register
 
 
 def test_a_node_is_found_by_its_id_and_by_its_name(member, make_node):
@@ -42,6 +42,36 @@ def test_statuses_follow_the_age_of_the_last_heartbeat_and_can_be_filtered(membe
     assert degraded.name in [row["name"] for row in listed]
     assert not {online.name, offline.name} & {row["name"] for row in listed}
     assert member.get("/api/v1/nodes/", params={"status": "sleepy"}).status_code == 400
+
+
+def test_a_node_that_failed_its_self_test_is_unhealthy_while_it_heartbeats_then_offline(member, make_node):
+    error = "the test decode of m.gguf crashed with SIGSEGV while decoding after 0.9 s; restart the worker"
+    sick, well = make_node("sick", health_error=error), make_node("well")
+    assert Node.objects.get(pk=sick.pk).health_checked_at is not None
+    node_heartbeat_record(name=sick.name, loaded_models=[])
+    pks = [sick.pk, well.pk]
+    assert dict(node_list_with_status().filter(pk__in=pks).values_list("name", "current_status")) == {
+        sick.name: "unhealthy", well.name: "online"}
+    assert Node.objects.get(pk=sick.pk).status == "unhealthy"
+    assert list(node_list_live().filter(pk__in=pks)) == [well]
+    assert list(node_list_unhealthy().filter(pk__in=pks)) == [sick]
+    shown = member.get(f"/api/v1/nodes/{sick.name}/").json()
+    assert (shown["status"], shown["placeable"], shown["health_error"]) == ("unhealthy", False, error)
+    assert shown["health_detail"]["ok"] is False and shown["health_checked_at"]
+    listed = member.get("/api/v1/nodes/", params={"status": "unhealthy", "limit": 500}).json()["results"]
+    assert sick.name in [row["name"] for row in listed] and well.name not in [row["name"] for row in listed]
+    # Its heartbeat stops: offline, like any other node.
+    Node.objects.filter(pk=sick.pk).update(last_heartbeat=timezone.now() - timedelta(seconds=60))
+    assert node_list_with_status().get(pk=sick.pk).current_status == Node.objects.get(pk=sick.pk).status == "offline"
+    assert not node_list_unhealthy().filter(pk=sick.pk).exists()
+
+
+def test_a_restart_that_passes_the_self_test_makes_the_node_healthy_again(make_node):
+    sick = make_node("again", health_error="the test decode of m.gguf crashed with SIGSEGV")
+    node_register(name=sick.name, hostname="h", gpu_index=None, hardware={},
+                  health_detail={"tested": True, "ok": True, "elapsed_s": 0.9})
+    again = Node.objects.get(pk=sick.pk)
+    assert (again.status, again.health_error, again.health_detail["ok"]) == ("online", "", True)
 
 
 def test_cordon_and_uncordon_a_whole_node(staff, make_node):

@@ -1,7 +1,7 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from apps.nodes.models import Node
+from apps.nodes.models import Node, NodeStatus
 
 # More buckets than this per history query is a mistake (a chart has fewer pixels), not a use.
 METRICS_MAX_BUCKETS = 1440
@@ -11,12 +11,14 @@ class NodeSerializer(serializers.ModelSerializer):
     status = serializers.SerializerMethodField()
     gpus = serializers.ListField(source="gpu_indexes", child=serializers.IntegerField(), read_only=True,
                                  help_text="GPUs the node computes on.")
-    placeable = serializers.SerializerMethodField(help_text="Takes new requests: not offline and not cordoned.")
+    placeable = serializers.SerializerMethodField(
+        help_text="Takes new requests: online or degraded (not offline, not unhealthy) and not cordoned.")
 
     class Meta:
         model = Node
         fields = [
             "id", "name", "hostname", "queue", "gpu_index", "gpus", "status", "placeable", "cordoned", "cordoned_gpus",
+            "health_error", "health_checked_at", "health_detail",
             "hardware", "loaded_models", "started_at", "last_heartbeat", "created_at",
         ]
         read_only_fields = fields
@@ -25,7 +27,7 @@ class NodeSerializer(serializers.ModelSerializer):
         return getattr(node, "current_status", None) or node.status
 
     def get_placeable(self, node: Node) -> bool:
-        return self.get_status(node) != "offline" and not node.is_cordoned
+        return self.get_status(node) in (NodeStatus.ONLINE, NodeStatus.DEGRADED) and not node.is_cordoned
 
 
 class NodeMaintenanceSerializer(serializers.Serializer):
