@@ -12,6 +12,7 @@ read GPUs through ``gpus_read``.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -198,10 +199,79 @@ def disk_usage(path: str | os.PathLike | None) -> dict:
     return {"models_dir": str(path), "disk_total_bytes": int(usage.total), "disk_free_bytes": int(usage.free)}
 
 
-def hardware_snapshot(*, models_dir: str | os.PathLike | None = None) -> dict:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_quota(lines: list[str], root: Path) -> float | None:
+    """CPUs allowed by the CPU quota of the cgroup that ``lines`` (/proc/self/cgroup) names, if any.
+
+    cgroup v2 (``0::/path``): every level's ``cpu.max`` ("max 100000" or "200000 100000") applies,
+    so the smallest wins. cgroup v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of the cpu
+    controller (-1: no quota). In a container the cgroup path may not be mounted as named; then the
+    mount's root is the container's own cgroup.
+    """
+    limits = []
+    for line in lines:
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2
+            here = root / path.lstrip("/")
+            levels = [here, *here.parents] if here.is_dir() else [root]
+            for level in levels:
+                if not str(level).startswith(str(root)):
+                    break
+                try:
+                    quota, period = (level / "cpu.max").read_text().split()[:2]
+                except (OSError, ValueError):
+                    continue
+                if quota != "max" and int(period) > 0:
+                    limits.append(int(quota) / int(period))
+        elif "cpu" in controllers.split(","):
+            for mount in (root / controllers, root / "cpu,cpuacct", root / "cpu"):
+                for base in (mount / path.lstrip("/"), mount):
+                    try:
+                        quota = int((base / "cpu.cfs_quota_us").read_text())
+                        period = int((base / "cpu.cfs_period_us").read_text())
+                    except (OSError, ValueError):
+                        continue
+                    if quota > 0 and period > 0:
+                        limits.append(quota / period)
+                    break
+                else:
+                    continue
+                break
+    return min(limits) if limits else None
+
+
+def usable_cpus(*, proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The CPUs this process may run on: its affinity set, capped by a cgroup CPU quota (whole CPUs, at least 1)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    try:
+        quota = _cgroup_quota(proc_cgroup.read_text().splitlines(), cgroup_root)
+    except OSError:
+        quota = None
+    if quota is not None:
+        allowed = min(allowed, math.floor(quota))
+    return max(1, allowed)
+
+
+def inference_threads(configured: int = 0) -> int:
+    """Threads llama.cpp decodes and reads prompts with: ``configured`` (LLMP_N_THREADS) when set,
+    else every CPU this process may use. (llama-cpp-python's own default, half the CPUs for
+    decoding, halves the speed of a small machine.)"""
+    return configured if configured > 0 else usable_cpus()
+
+
+def hardware_snapshot(*, models_dir: str | os.PathLike | None = None, n_threads: int = 0) -> dict:
     """This machine's hardware as plain JSON values (the ``Node.hardware`` of its worker).
 
-    Keys: os, arch (e.g. x86_64, aarch64), cpu_model, cpu_cores, cpu_threads, ram_total_bytes,
+    Keys: os, arch (e.g. x86_64, aarch64), cpu_model, cpu_cores, cpu_threads, cpu_usable (see
+    ``usable_cpus``), inference_threads (llama.cpp's threads, from ``n_threads``), ram_total_bytes,
     ram_available_bytes, ram_bandwidth_gbps with ram_bandwidth_source ("typical"), models_dir,
     disk_total_bytes, disk_free_bytes, gpus (see ``gpu_from_nvml``), cuda_visible_devices.
     """
@@ -214,6 +284,8 @@ def hardware_snapshot(*, models_dir: str | os.PathLike | None = None) -> dict:
         "cpu_model": cpu_model,
         "cpu_cores": cores,
         "cpu_threads": psutil.cpu_count(logical=True),
+        "cpu_usable": usable_cpus(),
+        "inference_threads": inference_threads(n_threads),
         "ram_total_bytes": int(memory.total),
         "ram_available_bytes": int(memory.available),
         "ram_bandwidth_gbps": ram_bandwidth_typical_gbps(cpu_model, cores),
