@@ -6,8 +6,10 @@ import argparse
 import os
 import re
 import socket
+import sys
 
-from llmplatform.env import env_str
+from llmplatform.env import ImproperlyConfiguredEnv, env_str
+from llmplatform.secret_key import remote_worker_secret_check
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LLMP_GPU_INDEX"] = str(args.gpu)
     os.environ["LLMP_NODE_NAME"] = args.node
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmplatform.settings")
+    try:
+        remote_worker_secret_check()
+    except ImproperlyConfiguredEnv as exc:
+        sys.exit(f"python -m workers: {exc}")
 
     import django
 
@@ -51,8 +57,33 @@ def main(argv: list[str] | None = None) -> None:
         "--without-gossip", "--without-mingle",
     ]
     if args.beat:
+        from celery.signals import beat_init
+
+        # Celery's hook inside the embedded beat's own process: the only place to arm it there.
+        beat_init.connect(_die_with_worker, weak=False)
         worker_args += ["--beat", "--schedule", str(settings.DATA_DIR / "celerybeat-schedule")]
-    app.worker_main(worker_args)
+    try:
+        app.worker_main(worker_args)
+    finally:
+        # A clean stop: the pool has drained, so no request waits on this incarnation any more.
+        from workers.node import node_liveness
+
+        node_liveness().stop()
+
+
+def _die_with_worker(**_) -> None:
+    """The embedded beat (a child process) ends when its worker does, however the worker died.
+
+    Otherwise a worker killed by a crash leaves its beat running, and after a restart two beats
+    send every periodic task twice.
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the worker died before the line above ran
+        os._exit(1)
 
 
 if __name__ == "__main__":

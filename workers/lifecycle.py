@@ -11,7 +11,26 @@ from celery import bootsteps
 from django.conf import settings
 from django.db import close_old_connections
 
+from workers.selftest import SelfTest, SelfTestResult, selftest_advice, selftest_model
+
 logger = logging.getLogger(__name__)
+
+
+def _health_log(health: SelfTestResult) -> str:
+    """Log the start-up test decode's outcome; returns the node's health error (empty: it may take requests)."""
+    if not health.tested:
+        logger.warning("self-test: %s", health.note)
+        return ""
+    if health.ok:
+        logger.info("self-test passed in %.2f s: %s read a %d-token prompt and generated %d token(s)",
+                    health.elapsed_s, health.model, health.prompt_tokens, health.completion_tokens)
+        return ""
+    error = f"{health.error}; {selftest_advice(health)}"
+    logger.error("self-test FAILED: %s. This node registers as unhealthy: it keeps heartbeating and gets no "
+                 "requests until a restarted worker passes the test.\nllama.cpp system info: %s\n"
+                 "last stderr lines of the test decode:\n%s", error, health.system_info or "(not reported)",
+                 "\n".join(health.stderr_tail) or "(none)")
+    return error
 
 
 class NodeLifecycle(bootsteps.StartStopStep):
@@ -29,21 +48,34 @@ class NodeLifecycle(bootsteps.StartStopStep):
         from apps.nodes.services import node_register
         from workers.bundled import BundledModelMissing
         from workers.hardware import hardware_snapshot
-        from workers.node import gpu_index, node_name
+        from workers.node import gpu_index, node_config, node_liveness, node_name
+        from workers.runner import llama_options
 
+        # Proves that this node can infer before it takes traffic; runs in a child process while
+        # the worker registers the bundled model and reads its hardware.
+        selftest = SelfTest(model=selftest_model(settings.MODELS_DIR), options=llama_options(node_config()),
+                            timeout=settings.LLMP_SELFTEST_TIMEOUT)
         try:
             model_register_bundled()
         except BundledModelMissing as exc:  # a node can serve other models without it
             logger.warning("%s", exc)
-        hardware = {**hardware_snapshot(models_dir=settings.MODELS_DIR), "own_model_cache": bool(settings.LLMP_SERVER_URL)}
-        node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(), hardware=hardware)
-        logger.info("node %s registered, consuming queue %s", node.name, node.queue)
+        hardware = {**hardware_snapshot(models_dir=settings.MODELS_DIR, n_threads=settings.LLMP_N_THREADS),
+                    "own_model_cache": bool(settings.LLMP_SERVER_URL)}
+        health = selftest.result()
+        health_error = _health_log(health)
+        node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(), hardware=hardware,
+                             health_error=health_error, health_detail=health.as_dict())
+        logger.info("node %s registered%s, consuming queue %s", node.name, " as UNHEALTHY" if health_error else "",
+                    node.queue)
         from apps.jobs.services import job_recover_for_node
 
         if recovered := job_recover_for_node(node=node):
             logger.info("redelivered %d job(s) this node was running when it last stopped", recovered)
         self._thread = threading.Thread(target=self._beat, name="node-heartbeat", daemon=True)
         self._thread.start()
+        # Before the consumer starts (it is the last step): no request runs before the gateway can see it.
+        # Deleted by ``workers.__main__`` once the pool has drained, or expired if the process dies.
+        node_liveness().start()
 
     def _beat(self) -> None:
         """Every LLMP_HEARTBEAT_INTERVAL: mark the node alive and store a metrics sample."""

@@ -15,6 +15,7 @@ import psutil
 import redis
 from django.conf import settings
 
+from workers.liveness import WorkerLiveness
 from workers.pool import ModelPool
 from workers.runner import NodeConfig, load_llama
 
@@ -85,6 +86,12 @@ def node_redis() -> redis.Redis:
 
 
 @cache
+def node_liveness() -> WorkerLiveness:
+    """This process's incarnation and the keys that tell the gateway it is alive."""
+    return WorkerLiveness(node_redis(), prefix=settings.LLMP_REDIS_PREFIX, node=node_name())
+
+
+@cache
 def node_pool() -> ModelPool:
     budget_mb = settings.LLMP_POOL_MEMORY_BUDGET_MB or int(psutil.virtual_memory().total * 0.6) >> 20
     config = node_config()
@@ -106,4 +113,4 @@ def loaded_model_ids() -> list[str]:
     return sorted({key.model_id for key in node_pool().loaded()})
 
 
-__all__ = ["node_config", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]
+__all__ = ["node_config", "node_liveness", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]

@@ -23,13 +23,29 @@ KIND_CHAT = "chat"
 KIND_COMPLETION = "completion"
 KIND_EMBEDDING = "embedding"
 
-EVENT_START = "start"  # the worker picked the request up: {"node": name}
+EVENT_START = "start"  # the worker picked the request up: {"node": name, "worker": its incarnation}
 EVENT_TOKEN = "token"  # one piece of generated text: {"text": str}
 EVENT_DONE = "done"  # generation ended: {"finish_reason", "usage", and "data" for embeddings}
 EVENT_ERROR = "error"  # the request failed: {"message", "code", "type", "status"}
 # The worker stopped because the client left: {"tokens_emitted", "at" (unix time)}. Nobody
 # waits for it; it records when and where generation stopped, for operators and tests.
 EVENT_CANCELLED = "cancelled"
+
+
+# Liveness of one worker process. Each run of a worker (an incarnation) keeps two keys set, with a
+# short expiry it refreshes: ``worker_alive_key`` while it runs, and ``node_incarnation_key``
+# naming the node's current incarnation. A worker that dies (SIGKILL, a segfault, a lost machine)
+# stops refreshing them, so the gateway learns of it within the TTL instead of the heartbeat window.
+WORKER_ALIVE_TTL_SECONDS = 2.0
+WORKER_ALIVE_REFRESH_SECONDS = 0.5
+
+
+def worker_alive_key(prefix: str, incarnation: str) -> str:
+    return f"{prefix}:worker:{incarnation}:alive"
+
+
+def node_incarnation_key(prefix: str, node: str) -> str:
+    return f"{prefix}:node:{node}:incarnation"
 
 
 def stream_key(prefix: str, request_id: str) -> str:

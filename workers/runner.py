@@ -15,6 +15,7 @@ import numpy as np
 from workers import calibration, protocol
 from workers.bundled import BundledModelMissing, bundled_model_path
 from workers.generation import InferenceError, SamplingParams, generate
+from workers.hardware import inference_threads
 from workers.pool import ModelKey, ModelPool, PoolExhausted
 from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
 
@@ -30,7 +31,7 @@ class NodeConfig:
     redis_prefix: str
     n_ctx: int
     n_gpu_layers: int
-    n_threads: int  # 0: llama.cpp's choice
+    n_threads: int  # 0: every CPU the process may use (workers.hardware.inference_threads)
     # A node with its own model cache pulls missing files from the server: the URL of a model's blob.
     blob_url: Callable[[str], str] | None = None
     # Called (off the token path) the first time this process finds a model's file on its disk.
@@ -62,12 +63,19 @@ def _pull(model: dict, path: Path, config: NodeConfig) -> Path:
                              code="model_unavailable", status=503, type="server_error") from exc
 
 
-def load_llama(key: ModelKey, config: NodeConfig) -> llama_cpp.Llama:
-    options = {"n_ctx": config.n_ctx, "n_gpu_layers": config.n_gpu_layers, "verbose": False}
-    if config.n_threads:
-        options["n_threads"] = config.n_threads
-    if key.embedding:
+def llama_options(config: NodeConfig, *, embedding: bool = False) -> dict:
+    """The keyword arguments of ``llama_cpp.Llama`` every model on this node is loaded with
+    (requests and the start-up self-test alike); JSON-serialisable."""
+    threads = inference_threads(config.n_threads)
+    options = {"n_ctx": config.n_ctx, "n_gpu_layers": config.n_gpu_layers, "n_threads": threads,
+               "n_threads_batch": threads, "verbose": False}
+    if embedding:
         options.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+    return options
+
+
+def load_llama(key: ModelKey, config: NodeConfig) -> llama_cpp.Llama:
+    options = llama_options(config, embedding=key.embedding)
     logger.info("loading %s from %s (embedding=%s)", key.model_id, key.path, key.embedding)
     llm = llama_cpp.Llama(model_path=key.path, **options)
     if not key.embedding:  # fit calibration: the bytes llama.cpp holds for the weights, on GPU or CPU
@@ -93,10 +101,14 @@ def _embedding_result(llm: llama_cpp.Llama, inputs: list[str], encoding_format: 
 
 
 def request_run(*, request_id: str, kind: str, model: dict, params: dict, config: NodeConfig,
-                redis, pool: ModelPool) -> None:
-    """Serve one request; every outcome, failure included, ends the stream with one final event."""
+                redis, pool: ModelPool, incarnation: str | None = None) -> None:
+    """Serve one request; every outcome, failure included, ends the stream with one final event.
+
+    ``incarnation`` (this worker process's liveness id) goes out with the start event, so the
+    gateway watches the process that actually serves the request.
+    """
     stream = protocol.RequestStream(redis, config.redis_prefix, request_id)
-    if stream.emit(protocol.EVENT_START, {"node": config.name}):
+    if stream.emit(protocol.EVENT_START, {"node": config.name, "worker": incarnation}):
         logger.info("request %s was cancelled before it started", request_id)
         stream.emit(protocol.EVENT_CANCELLED, {"tokens_emitted": 0, "at": time.time()})
         return

@@ -2,16 +2,17 @@
 
 from celery import shared_task
 
-from workers.node import node_config, node_pool, node_redis
+from workers.node import node_config, node_liveness, node_pool, node_redis
 from workers.runner import request_run
 
 
-# Not acks_late: a generation that was half streamed must not be replayed after a crash;
-# the gateway notices the silence and fails the request instead.
+# Not acks_late: a generation that was half streamed must not be replayed after a crash; the
+# gateway sees the worker's liveness key expire and fails the request instead. The gateway sends
+# it with an expiry (its queue timeout), so a message a dead worker had reserved never runs later.
 @shared_task(name="workers.tasks.inference_run", ignore_result=True)
 def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None:
-    request_run(request_id=request_id, kind=kind, model=model, params=params,
-                config=node_config(), redis=node_redis(), pool=node_pool())
+    request_run(request_id=request_id, kind=kind, model=model, params=params, config=node_config(),
+                redis=node_redis(), pool=node_pool(), incarnation=node_liveness().incarnation)
 
 
 # acks_late + reject_on_worker_lost: a job whose worker dies goes back to the queue. The Job row

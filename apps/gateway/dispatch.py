@@ -1,6 +1,7 @@
 """Sending a request to a node and reading its events back (the gateway's side of the wire).
 
-See ``workers.protocol`` for why each request gets its own Redis stream.
+See ``workers.protocol`` for why each request gets its own Redis stream, and
+``apps.gateway.streams`` for how one reader per process reads all of them.
 """
 
 from __future__ import annotations
@@ -8,40 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import NamedTuple
 
-import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from apps.fit.selectors import fit_levels
 from apps.gateway.errors import OpenAIError, no_worker
+from apps.gateway.streams import FINAL_EVENTS, redis_client, stream_reader
 from apps.models.models import ModelCopy, RegisteredModel
 from apps.nodes.models import Node, NodeStatus
-from apps.nodes.selectors import node_list_live
+from apps.nodes.selectors import node_list_live, node_list_unhealthy
 from llmplatform.celery import app as celery_app
 from workers import protocol
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_TASK = "workers.tasks.inference_run"
-# Longest single XREAD wait: well under redis-py's default 5 s socket timeout, and how often a
-# silent request re-checks that its node is still alive.
-XREAD_BLOCK_SECONDS = 2.0
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 _background: set[asyncio.Task] = set()
-
-
-def redis_client() -> aioredis.Redis:
-    """One client (and connection pool) per event loop."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        client = _clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL)
-    return client
 
 
 def spawn(coro) -> asyncio.Task:
@@ -76,6 +63,11 @@ async def node_pick(model: RegisteredModel) -> Placement:
     """The live node to serve ``model`` (see ``node_choose``)."""
     nodes = [node async for node in node_list_live()]
     if not nodes:
+        unhealthy = [node.name async for node in node_list_unhealthy()]
+        if unhealthy:
+            raise no_worker(f"No live worker node can serve '{model.id}' right now: " + "; ".join(
+                f"node {name} is unhealthy (its start-up test decode failed; GET /api/v1/nodes/{name}/ says why)"
+                for name in unhealthy) + ".")
         raise no_worker(f"No live worker node can serve '{model.id}' right now; start one with "
                         "'python -m workers --node NAME'.")
     return await node_choose(model, nodes)
@@ -145,13 +137,22 @@ def _placed(model: RegisteredModel, node: Node, reason: str, skipped: list[str])
     return Placement(node, reason[:255])
 
 
-async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> None:
-    send = partial(celery_app.send_task, INFERENCE_TASK, queue=node.queue,
-                   kwargs={"request_id": request_id, "kind": kind, "model": model.worker_spec(), "params": params})
+async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> str | None:
+    """Queue the request on the node; returns the node's worker incarnation at this moment, if one runs.
+
+    The message expires with the queue timeout: once the gateway has given up waiting, no worker
+    (a restarted one, or one that gets a message back from a dead one) runs it. Its task id is the
+    request id, so the worker's log names the request.
+    """
+    kwargs = {"request_id": request_id, "kind": kind, "model": model.worker_spec(), "params": params}
+    send = partial(celery_app.send_task, INFERENCE_TASK, queue=node.queue, task_id=request_id, kwargs=kwargs,
+                   expires=settings.LLMP_QUEUE_TIMEOUT)
     track = redis_client().pipeline(transaction=False)
     track.zadd(_inflight_key(node.name), {request_id: time.time()})
     track.zremrangebyscore(_inflight_key(node.name), "-inf", _inflight_horizon())
-    await asyncio.gather(asyncio.to_thread(send), track.execute())
+    track.get(protocol.node_incarnation_key(settings.LLMP_REDIS_PREFIX, node.name))
+    _, tracked = await asyncio.gather(asyncio.to_thread(send), track.execute())
+    return tracked[-1].decode() if tracked[-1] else None
 
 
 async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
@@ -173,41 +174,40 @@ async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
         raise
 
 
-async def request_events(request_id: str, node_name: str) -> AsyncIterator[tuple[str, dict]]:
-    """Every event of a request in order, from the first; raises OpenAIError on timeouts.
+async def request_events(request_id: str, node_name: str, incarnation: str | None = None
+                         ) -> AsyncIterator[tuple[str, dict]]:
+    """Every event of a request in order, from the first, ending with its final one; raises OpenAIError.
 
     Three waits, each with its own limit: for a worker to pick the request up
     (LLMP_QUEUE_TIMEOUT), for its first output once picked up, which covers waiting for a
     free slot, loading the model and reading the prompt (LLMP_FIRST_TOKEN_TIMEOUT), and
-    between two outputs after that (LLMP_STREAM_IDLE_TIMEOUT). If the node stops
-    heartbeating meanwhile, the request fails at once instead of waiting out the limit.
+    between two outputs after that (LLMP_STREAM_IDLE_TIMEOUT). If the worker process waited on
+    dies meanwhile (``incarnation``, the node's at dispatch, then the one that started the
+    request), the request fails with worker_lost within seconds instead of waiting out the
+    limit; with no incarnation to watch, the node's heartbeat decides.
     """
-    client = redis_client()
-    key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
-    last_id = "0-0"
+    reader = stream_reader()
+    sub = reader.subscribe(protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id), node=node_name,
+                           incarnation=incarnation)
     phase, limit = "queued", settings.LLMP_QUEUE_TIMEOUT
-    deadline = time.monotonic() + limit
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if phase == "queued":
-                raise no_worker(f"No worker picked the request up within {limit:g}s; node {node_name} "
-                                "may be overloaded.")
-            raise OpenAIError(503, f"Node {node_name} produced nothing for {limit:g}s.", code="worker_timeout",
-                              type="server_error")
-        block_ms = max(1, int(min(remaining, XREAD_BLOCK_SECONDS) * 1000))
-        reply = await client.xread({key: last_id}, block=block_ms, count=512)
-        if not reply:
-            if not await node_list_live().filter(name=node_name).aexists():
-                raise OpenAIError(503, f"Node {node_name} stopped answering while serving the request.",
-                                  code="worker_lost", type="server_error")
-            continue
-        for entry_id, fields in reply[0][1]:
-            last_id = entry_id
-            event, data = protocol.decode(fields)
-            if event == protocol.EVENT_START:
-                phase, limit = "started", settings.LLMP_FIRST_TOKEN_TIMEOUT
-            else:
-                phase, limit = "streaming", settings.LLMP_STREAM_IDLE_TIMEOUT
-            yield event, data
-        deadline = time.monotonic() + limit
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(limit):
+                    events = await sub.next_events()
+            except TimeoutError:
+                if phase == "queued":
+                    raise no_worker(f"No worker picked the request up within {limit:g}s; node {node_name} "
+                                    "may be overloaded.") from None
+                raise OpenAIError(503, f"Node {node_name} produced nothing for {limit:g}s.", code="worker_timeout",
+                                  type="server_error") from None
+            for event, data in events:
+                if event == protocol.EVENT_START:
+                    phase, limit = "started", settings.LLMP_FIRST_TOKEN_TIMEOUT
+                else:
+                    phase, limit = "streaming", settings.LLMP_STREAM_IDLE_TIMEOUT
+                yield event, data
+                if event in FINAL_EVENTS:
+                    return
+    finally:
+        reader.unsubscribe(sub)

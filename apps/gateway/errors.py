@@ -42,3 +42,13 @@ def model_not_found(model: str) -> OpenAIError:
 
 def no_worker(message: str) -> OpenAIError:
     return OpenAIError(503, message, code="no_worker_available", type="server_error")
+
+
+def worker_lost(message: str) -> OpenAIError:
+    return OpenAIError(503, message, code="worker_lost", type="server_error")
+
+
+def broker_unavailable() -> OpenAIError:
+    """Redis does not answer (and only that: a busy gateway waits for a connection instead)."""
+    return OpenAIError(503, "The platform's message broker (Redis) is unavailable.", code="broker_unavailable",
+                       type="server_error")

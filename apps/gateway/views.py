@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from apps.gateway import validation
 from apps.gateway.dispatch import node_pick, request_events, request_release, request_send, spawn
-from apps.gateway.errors import OpenAIError, invalid_api_key, model_not_found
+from apps.gateway.errors import OpenAIError, broker_unavailable, invalid_api_key, model_not_found
 from apps.gateway.history import RequestRecord
 from apps.gateway.models import ApiKey, RequestStatus
 from apps.gateway.selectors import api_key_check
@@ -82,9 +82,9 @@ class _Generation:
         self.node, reason = await node_pick(self.model)
         self.record.open(model=self.model.id, node=self.node.name, placement=reason, stream=self.valid.stream,
                          request_body=self.valid.body)
-        await request_send(request_id=self.request_id, kind=self.valid.kind, model=self.model,
-                           params=self.valid.params, node=self.node)
-        self.events = request_events(self.request_id, self.node.name)
+        incarnation = await request_send(request_id=self.request_id, kind=self.valid.kind, model=self.model,
+                                         params=self.valid.params, node=self.node)
+        self.events = request_events(self.request_id, self.node.name, incarnation)
 
     async def next_output(self) -> tuple[str, dict]:
         """The next event that carries output (token, done or error), skipping bookkeeping ones."""
@@ -138,8 +138,7 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
         raise
     except RedisError as exc:
         logger.error("%s %s: Redis failed: %s", request.method, request.path, exc)
-        return _failed(record, OpenAIError(503, "The platform's message broker (Redis) is unavailable.",
-                                           code="broker_unavailable", type="server_error"))
+        return _failed(record, broker_unavailable())
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
         return _failed(record, OpenAIError(500, "The server failed while handling the request.",
@@ -199,10 +198,9 @@ async def _sse(generation: _Generation, first: tuple[str, dict]) -> AsyncIterato
                 return
             try:
                 event, data = await generation.next_output()
-            except OpenAIError as error:
+            except OpenAIError as error:  # not finished: the worker is told to stop, if it still runs
                 yield sse_frame(error.body())
                 record.fail(error)
-                generation.finished = True
                 return
     finally:
         if not generation.finished:

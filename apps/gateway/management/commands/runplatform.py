@@ -1,13 +1,21 @@
-"""``make run``: Redis (if needed), one local worker and the ASGI server, stopped together by Ctrl-C."""
+"""``make run``: Redis (if needed), one local worker and the ASGI server, stopped together by Ctrl-C.
+
+The worker is supervised: llama.cpp runs inside it, so a model can take it down (a segfault, an
+abort, the OOM killer). A dead worker is restarted with backoff while the gateway keeps serving;
+only a worker that keeps dying, or the death of the server or of the Redis started here, stops
+everything.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from urllib.parse import urlparse
 
 import redis
@@ -17,12 +25,107 @@ from django.core.management.base import BaseCommand, CommandError
 from apps.models.services import model_register_bundled
 from llmplatform.env import env_int, env_str
 
+# Restart delays after a worker dies: 1, 2, 4 ... seconds, at most 30. A worker that ran for
+# RESTART_RESET_SECONDS without dying starts the sequence again.
+RESTART_DELAY_MAX_SECONDS = 30.0
+RESTART_RESET_SECONDS = 300.0
+# This many deaths within the window stop everything: the worker cannot run here.
+DEATHS_ALLOWED, DEATHS_WINDOW_SECONDS = 5, 300.0
+
+
+def exit_description(returncode: int) -> str:
+    """How a child process ended, for the log: "exit 3", or "SIGSEGV (segmentation fault)"."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        sig = signal.Signals(-returncode)
+    except ValueError:
+        return f"signal {-returncode}"
+    text = signal.strsignal(sig) or ""
+    if sig == signal.SIGKILL:
+        text = f"{text}; the kernel's OOM killer sends it when memory runs out".lstrip("; ")
+    return f"{sig.name} ({text.lower()})" if text else sig.name
+
+
+# Signals the command waits for with sigwait, so it keeps them blocked. A child inherits the
+# blocked set, so each child unblocks them before it starts (otherwise SIGTERM would never reach it).
+WATCHED = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+
+
+def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(args, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED), **kwargs)
+
 
 def _redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill whatever is left of a dead worker's process group (its embedded beat, a test decode)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class WorkerSupervisor:
+    """Keeps one worker process running: restarts it with backoff, gives up when it keeps dying."""
+
+    def __init__(self, args: list[str], log) -> None:
+        self.args, self.log = args, log
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.deaths: deque[float] = deque()
+        self.consecutive = 0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        # Its own process group, so that its children can be killed with it.
+        self.process = _spawn(self.args, start_new_session=True)
+        self.started_at, self.restart_at = time.monotonic(), None
+
+    def check(self) -> None:
+        """Notice a death (schedule a restart, or raise CommandError) and start a due restart."""
+        now = time.monotonic()
+        if self.restart_at is None and self.process is not None and self.process.poll() is not None:
+            _kill_group(self.process)
+            lived = now - self.started_at
+            self.deaths.append(now)
+            while self.deaths and self.deaths[0] < now - DEATHS_WINDOW_SECONDS:
+                self.deaths.popleft()
+            self.consecutive = 1 if lived >= RESTART_RESET_SECONDS else self.consecutive + 1
+            how = exit_description(self.process.returncode)
+            if len(self.deaths) >= DEATHS_ALLOWED:
+                raise CommandError(
+                    f"the worker died {len(self.deaths)} times within {DEATHS_WINDOW_SECONDS / 60:g} minutes "
+                    f"(last: {how}); stopping. Its log above says why; a crash in llama.cpp on the first request "
+                    "usually means a broken build for this CPU: make clean && make install")
+            delay = min(RESTART_DELAY_MAX_SECONDS, 2.0 ** (self.consecutive - 1))
+            self.log(f"worker (pid {self.process.pid}) died after {lived:.0f}s: {how}; restarting it in {delay:g}s "
+                     f"({len(self.deaths)} of {DEATHS_ALLOWED} deaths allowed within "
+                     f"{DEATHS_WINDOW_SECONDS / 60:g} minutes)")
+            self.restart_at = now + delay
+        if self.restart_at is not None and now >= self.restart_at:
+            self.start()
+            self.log(f"worker restarted (pid {self.process.pid})")
+
+    def seconds_to_restart(self) -> float | None:
+        return None if self.restart_at is None else max(0.0, self.restart_at - time.monotonic())
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        _kill_group(self.process)
 
 
 class Command(BaseCommand):
@@ -34,15 +137,19 @@ class Command(BaseCommand):
         parser.add_argument("--node", default=env_str("LLMP_NODE_NAME", socket.gethostname()))
 
     def handle(self, *args, host, port, node, **options):
-        children: list[subprocess.Popen] = []
+        essential: list[subprocess.Popen] = []  # their death stops everything
         redis_process = self._ensure_redis()
         if redis_process:
-            children.append(redis_process)
+            essential.append(redis_process)
         model_register_bundled()
         python = sys.executable
-        children.append(subprocess.Popen([python, "-m", "workers", "--node", node, "--beat"]))
-        children.append(subprocess.Popen([python, "-m", "uvicorn", "llmplatform.asgi:application", "--host", host,
-                                          "--port", str(port), "--no-access-log"]))
+        worker = WorkerSupervisor([python, "-m", "workers", "--node", node, "--beat"],
+                                  log=lambda line: self.stderr.write(f"runplatform: {line}"))
+        # Block the watched signals before the first child starts, so that no SIGCHLD is missed.
+        signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+        worker.start()
+        essential.append(_spawn([python, "-m", "uvicorn", "llmplatform.asgi:application", "--host", host,
+                                           "--port", str(port), "--no-access-log"]))
         base = f"http://{host}:{port}"
         self.stdout.write(self.style.SUCCESS(f"\nllmplatform is starting on {base}"))
         self.stdout.write(f"  OpenAI endpoint: {base}/v1   (model: {settings.LLMP_DEFAULT_MODEL_ID})")
@@ -50,30 +157,43 @@ class Command(BaseCommand):
         self.stdout.write(f"  Management API:  {base}/api/v1/   docs: {base}/api/docs/")
         self.stdout.write("  Create a key:    .venv/bin/python manage.py create_api_key --name me")
         self.stdout.write("Press Ctrl-C to stop everything.\n")
-        # Sleep until Ctrl-C, a TERM, or one of the children exiting (SIGCHLD), whichever comes first.
-        watched = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
-        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-        stopped_by_signal = False
+        # Sleep until Ctrl-C, a TERM, a child exiting (SIGCHLD) or a worker restart falling due.
+        failure: str | None = None
         try:
-            while all(child.poll() is None for child in children):
-                if signal.sigwait(watched) != signal.SIGCHLD:
-                    stopped_by_signal = True
+            while True:
+                dead = next((child for child in essential if child.poll() is not None), None)
+                if dead is not None:
+                    name = "the server" if dead is essential[-1] else "redis-server"
+                    failure = f"{name} stopped unexpectedly ({exit_description(dead.returncode)}); see its output above"
                     break
+                worker.check()
+                wait = worker.seconds_to_restart()
+                received = signal.sigtimedwait(WATCHED, wait) if wait is not None else signal.sigwait(WATCHED)
+                if received in (signal.SIGINT, signal.SIGTERM):
+                    break
+        except CommandError as exc:
+            failure = str(exc)
         finally:
-            for child in reversed(children):
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-            for child in reversed(children):
-                try:
-                    child.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            self._stop_all(worker, essential)
             # A second Ctrl-C pressed while the children stopped is not an error.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-        failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-        if failed and not stopped_by_signal:
-            raise CommandError(f"a process stopped unexpectedly (exit {failed[0].returncode}); see its output above")
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+        if failure:
+            raise CommandError(failure)
+
+    def _stop_all(self, worker: WorkerSupervisor, essential: list[subprocess.Popen]) -> None:
+        server = essential[-1]
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+        worker.stop()
+        for child in reversed(essential):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
     def _ensure_redis(self) -> subprocess.Popen | None:
         url = settings.REDIS_URL
