@@ -1,6 +1,6 @@
 """Benchmark: streaming through the gateway versus llama-cpp-python in process.
 
-Same model, same prompts, same sampling, one run. The in-process baseline is
+Same model, same prompts, same sampling, same threads, one run. The in-process baseline is
 ``Llama.create_chat_completion(stream=True)`` in this process; the gateway run starts a real
 worker node and ASGI server (as ``make run`` does) and streams with the official openai
 client. Runs alternate between the two so drift in machine load hits both alike.
@@ -16,74 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform as host_platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_DATA = tempfile.mkdtemp(prefix="llmp-bench-")
-os.environ.update({
-    "DJANGO_SETTINGS_MODULE": "llmplatform.settings",
-    "LLMP_DATA_DIR": _DATA,
-    "DATABASE_URL": f"sqlite:///{_DATA}/bench.sqlite3",
-    "LLMP_REDIS_PREFIX": f"llmpbench-{uuid.uuid4().hex[:6]}",
-    "LLMP_POOL_SLOTS_PER_MODEL": "1",
-})
-
-PROMPTS = [
-    "Explain why the sky is blue.",
-    "Write a short poem about autumn leaves.",
-    "What are three tips for learning a new language?",
-    "Describe how a bicycle works.",
-    "Give me a recipe for pancakes.",
-    "What is the difference between weather and climate?",
-]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = (len(ordered) - 1) * q
-    low, high = int(index), min(int(index) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (index - low)
-
-
-def measure(open_stream) -> dict:
-    """Time to first token and decode rate of one stream of chat chunks (one chunk per token).
-
-    The clock starts before the stream is opened: the openai client returns only once the
-    response headers arrive, which the gateway sends with the first token.
-    """
-    started = time.perf_counter()
-    stamps: list[float] = []
-    for chunk in open_stream():
-        choices = chunk["choices"] if isinstance(chunk, dict) else chunk.choices
-        if not choices:
-            continue
-        delta = choices[0]["delta"] if isinstance(chunk, dict) else choices[0].delta.model_dump()
-        if delta.get("content"):
-            stamps.append(time.perf_counter())
-    ttft = stamps[0] - started
-    decode = stamps[-1] - stamps[0]
-    return {"ttft_ms": ttft * 1000, "tokens": len(stamps),
-            "tokens_per_s": (len(stamps) - 1) / decode if decode > 0 else 0.0,
-            "total_s": stamps[-1] - started}
-
-
-def summary(samples: list[dict]) -> dict:
-    ttfts = [s["ttft_ms"] for s in samples]
-    tokens = sum(s["tokens"] - 1 for s in samples)
-    decode_time = sum((s["tokens"] - 1) / s["tokens_per_s"] for s in samples if s["tokens_per_s"])
-    return {"runs": len(samples), "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p95_ms": percentile(ttfts, 0.95),
-            "tokens_per_s": tokens / decode_time, "tokens_per_s_median": statistics.median(
-                s["tokens_per_s"] for s in samples)}
+from bench.common import PROMPTS, machine, measure, platform_prepare, summary  # noqa: E402
 
 
 def main() -> None:
@@ -92,26 +33,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gateway_vs_inprocess.json"))
     args = parser.parse_args()
-
-    import django
-
-    django.setup()
+    data, key = platform_prepare(LLMP_POOL_SLOTS_PER_MODEL="1")
     import llama_cpp
     import openai
     from django.conf import settings
-    from django.core.management import call_command
 
-    from apps.gateway.services import api_key_create
     from llmplatform import devstack
     from workers.bundled import bundled_model_path
+    from workers.hardware import inference_threads
 
-    call_command("migrate", verbosity=0)
-    _, key = api_key_create(name="bench")
-    stack = devstack.stack_start("bench", env=devstack.child_env(), log_dir=Path(_DATA) / "logs")
+    stack = devstack.stack_start("bench", env=devstack.child_env(), log_dir=data / "logs")
     try:
         client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+        # The same threads the worker uses, so that the ratio is the gateway's overhead alone
+        # (bench/single_stream_vs_llama_server.py compares against llama.cpp's own server).
+        threads = inference_threads(settings.LLMP_N_THREADS)
         llm = llama_cpp.Llama(model_path=str(bundled_model_path()), n_ctx=settings.LLMP_N_CTX, n_gpu_layers=0,
-                              verbose=False)
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
         model = settings.LLMP_DEFAULT_MODEL_ID
         sampling = {"max_tokens": args.max_tokens, "temperature": 0.0, "seed": 1}
 
@@ -138,10 +76,7 @@ def main() -> None:
         result = {
             "benchmark": "gateway_vs_inprocess",
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "python": host_platform.python_version(),
-                        "llama_cpp_python": llama_cpp.__version__,
-                        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                                 capture_output=True, text=True).stdout.strip()},
+            "machine": machine(),
             "model": model, "prompts": len(PROMPTS), "repeats": args.repeats, "sampling": sampling,
             "in_process": base, "gateway": ours,
             "ratios": {"tokens_per_s": ours["tokens_per_s"] / base["tokens_per_s"],
