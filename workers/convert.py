@@ -37,7 +37,7 @@ from typing import IO, Any
 
 from gguf import LlamaFileType
 
-from apps.models.gguf import GGUFError, check_magic
+from workers.gguf import GGUFError, check_magic
 
 ProgressCallback = Callable[[int, int, str], None]
 CancelCheck = Callable[[], bool]

@@ -23,6 +23,15 @@ KIND_CHAT = "chat"
 KIND_COMPLETION = "completion"
 KIND_EMBEDDING = "embedding"
 
+# Celery task names, declared by ``node.tasks`` and sent by the apps and the beat schedule. They are
+# wire names: they keep the module path the tasks were first defined at, and renaming one would strand
+# the messages already queued under the old name.
+TASK_INFERENCE_RUN = "workers.tasks.inference_run"
+TASK_JOB_RUN = "workers.tasks.job_run"
+TASK_JOB_REAP = "workers.tasks.job_reap"
+TASK_MODELS_UNLOAD = "workers.tasks.models_unload"
+TASK_MODEL_COPY_DELETE = "workers.tasks.model_copy_delete"
+
 EVENT_START = "start"  # the worker picked the request up: {"node": name, "worker": its incarnation}
 EVENT_TOKEN = "token"  # one piece of generated text: {"text": str}
 EVENT_DONE = "done"  # generation ended: {"finish_reason", "usage", and "data" for embeddings}

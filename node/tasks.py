@@ -2,14 +2,15 @@
 
 from celery import shared_task
 
-from workers.node import node_config, node_liveness, node_pool, node_redis
+from node.config import node_config, node_liveness, node_pool, node_redis
+from workers.protocol import TASK_INFERENCE_RUN, TASK_JOB_REAP, TASK_JOB_RUN, TASK_MODEL_COPY_DELETE, TASK_MODELS_UNLOAD
 from workers.runner import request_run
 
 
 # Not acks_late: a generation that was half streamed must not be replayed after a crash; the
 # gateway sees the worker's liveness key expire and fails the request instead. The gateway sends
 # it with an expiry (its queue timeout), so a message a dead worker had reserved never runs later.
-@shared_task(name="workers.tasks.inference_run", ignore_result=True)
+@shared_task(name=TASK_INFERENCE_RUN, ignore_result=True)
 def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None:
     request_run(request_id=request_id, kind=kind, model=model, params=params, config=node_config(),
                 redis=node_redis(), pool=node_pool(), incarnation=node_liveness().incarnation)
@@ -17,15 +18,15 @@ def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None
 
 # acks_late + reject_on_worker_lost: a job whose worker dies goes back to the queue. The Job row
 # decides whether it still runs (see apps.jobs.runner: claim by conditional update, bounded attempts).
-@shared_task(name="workers.tasks.job_run", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(name=TASK_JOB_RUN, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def job_run(job_id: str) -> None:
     from apps.jobs.runner import job_execute
-    from workers.node import node_name
+    from node.config import node_name
 
     job_execute(job_id=job_id, node_name=node_name())
 
 
-@shared_task(name="workers.tasks.job_reap", ignore_result=True)
+@shared_task(name=TASK_JOB_REAP, ignore_result=True)
 def job_reap() -> int:
     from apps.jobs.services import job_reap as reap
 
@@ -34,12 +35,12 @@ def job_reap() -> int:
 
 # Sent to one node's queue (node.NAME): drain after a cordon, or free a model's memory. Returns at
 # once: a model still serving requests is unloaded by the pool as its last one ends.
-@shared_task(name="workers.tasks.models_unload", ignore_result=True)
+@shared_task(name=TASK_MODELS_UNLOAD, ignore_result=True)
 def models_unload(model_ids: list[str] | None = None) -> list[str]:
     return node_pool().unload(model_ids)
 
 
-@shared_task(name="workers.tasks.model_copy_delete", ignore_result=True)
+@shared_task(name=TASK_MODEL_COPY_DELETE, ignore_result=True)
 def model_copy_delete(model_id: str) -> bool:
     """Unload a model and delete this node's own copy of its file (never the server's store).
 

@@ -30,7 +30,7 @@ def gpu_index() -> int | None:
 
 
 def _blob_url(model_id: str) -> str:
-    from apps.models.api.lifecycle import blob_token
+    from apps.models.services import blob_token
 
     return f"{settings.LLMP_SERVER_URL.rstrip('/')}/api/v1/blobs/{model_id}?token={blob_token(model_id)}"
 

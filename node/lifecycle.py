@@ -46,9 +46,9 @@ class NodeLifecycle(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         from apps.models.services import model_register_bundled
         from apps.nodes.services import node_register
+        from node.config import gpu_index, node_config, node_liveness, node_name
         from workers.bundled import BundledModelMissing
         from workers.hardware import hardware_snapshot
-        from workers.node import gpu_index, node_config, node_liveness, node_name
         from workers.runner import llama_options
 
         # Proves that this node can infer before it takes traffic; runs in a child process while
@@ -74,16 +74,16 @@ class NodeLifecycle(bootsteps.StartStopStep):
         self._thread = threading.Thread(target=self._beat, name="node-heartbeat", daemon=True)
         self._thread.start()
         # Before the consumer starts (it is the last step): no request runs before the gateway can see it.
-        # Deleted by ``workers.__main__`` once the pool has drained, or expired if the process dies.
+        # Deleted by ``node.main`` once the pool has drained, or expired if the process dies.
         node_liveness().start()
 
     def _beat(self) -> None:
         """Every LLMP_HEARTBEAT_INTERVAL: mark the node alive and store a metrics sample."""
         from apps.fit.services import measurement_record
         from apps.nodes.services import node_heartbeat_record
+        from node.config import gpu_index, loaded_model_ids, node_name, node_pool
         from workers import calibration
         from workers.metrics import metrics_sample
-        from workers.node import gpu_index, loaded_model_ids, node_name, node_pool
 
         psutil.cpu_percent(interval=None)  # starts the CPU-use measurement the first sample reads
         while not self._stop.wait(settings.LLMP_HEARTBEAT_INTERVAL):
@@ -99,7 +99,7 @@ class NodeLifecycle(bootsteps.StartStopStep):
 
     def stop(self, worker) -> None:
         from apps.nodes.services import node_mark_offline
-        from workers.node import node_name
+        from node.config import node_name
 
         self._stop.set()
         try:

@@ -1,0 +1,6 @@
+"""``python -m node --node NAME [...]``: starts this node's Celery worker (see ``node.main``)."""
+
+from node.main import main
+
+if __name__ == "__main__":
+    main()
