@@ -1,7 +1,7 @@
 """The one place management-API errors get their shape: ``{"error": "...", "detail": ...}``.
 
-Besides DRF's own exceptions, the application errors a view may let through become HTTP here:
-the model registry's ``ModelError`` (its ``status``) and the Hugging Face client's ``HfError``.
+Besides DRF's own exceptions, the application errors a view lets through become HTTP here: every
+``llmplatform.errors.ApplicationError``, with its status and body.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from rest_framework.response import Response
 from rest_framework.views import exception_handler, set_rollback
 
-from apps.models.services import ModelError
+from llmplatform.errors import ApplicationError
 
 
 def _first_message(detail) -> str:
@@ -23,25 +23,11 @@ def _first_message(detail) -> str:
     return str(detail)
 
 
-def _hub_status(exc: Exception) -> int | None:
-    """The status for an error of the Hugging Face Hub; None if ``exc`` is not one."""
-    from workers import hf  # not at import: huggingface_hub is heavy and most processes never need it
-
-    if not isinstance(exc, hf.HfError):
-        return None
-    if isinstance(exc, (hf.HfRepoNotFound, hf.HfRevisionNotFound, hf.HfFileNotFound)):
-        return 404
-    if isinstance(exc, hf.HfAccessDenied):
-        return 403
-    return 502
-
-
 def _application_error(exc: Exception) -> Response | None:
-    status = exc.status if isinstance(exc, ModelError) else _hub_status(exc)
-    if status is None:
+    if not isinstance(exc, ApplicationError):
         return None
     set_rollback()
-    return Response({"error": str(exc)}, status=status)
+    return Response(exc.body(), status=exc.status)
 
 
 def management_exception_handler(exc, context):

@@ -12,6 +12,7 @@ import dj_database_url
 
 from llmplatform.env import ImproperlyConfiguredEnv, env_bool, env_float, env_int, env_list, env_path, env_str
 from llmplatform.secret_key import secret_key_resolve
+from workers.protocol import TASK_JOB_REAP
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -143,7 +144,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
     "job-reap": {
-        "task": "workers.tasks.job_reap",
+        "task": TASK_JOB_REAP,
         "schedule": env_float("LLMP_JOB_REAP_INTERVAL", 10.0, minimum=1.0),
     },
     "request-log-prune": {
@@ -228,9 +229,11 @@ LLMP_WORKER_CONCURRENCY = env_int("LLMP_WORKER_CONCURRENCY", 4, minimum=1)
 LLMP_SELFTEST_TIMEOUT = env_float("LLMP_SELFTEST_TIMEOUT", 120.0, minimum=1.0)
 
 # --- DRF ---------------------------------------------------------------------------------
+# What checks a bearer API key for llmplatform.authentication (the keys are the gateway's).
+LLMP_API_KEY_CHECKER = "apps.gateway.selectors.api_key_check"
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "apps.gateway.authentication.ApiKeyAuthentication",
+        "llmplatform.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

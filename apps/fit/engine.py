@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from llmplatform.errors import ApplicationError
+
 GIB = 1024 ** 3
 CATALOG_PATH = Path(__file__).resolve().parent / "data" / "catalog.json"
 
@@ -74,8 +76,8 @@ BITS_PER_WEIGHT = {
 _FULL_PRECISION = {"F32", "F16", "BF16"}
 
 
-class FitQueryError(ValueError):
-    """A query parameter has a value the fit API does not accept; the message is llmfit's."""
+class FitQueryError(ApplicationError, ValueError):
+    """A query parameter has a value the fit API does not accept (400); the message is llmfit's."""
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,16 @@ from django.conf import settings
 
 from apps.fit.selectors import fit_levels
 from apps.gateway.errors import OpenAIError, no_worker
-from apps.gateway.streams import FINAL_EVENTS, redis_client, stream_reader
+from apps.gateway.streams import FINAL_EVENTS, stream_reader
 from apps.models.models import ModelCopy, RegisteredModel
 from apps.nodes.models import Node, NodeStatus
 from apps.nodes.selectors import node_list_live, node_list_unhealthy
+from llmplatform.aioredis import redis_client
 from llmplatform.celery import app as celery_app
 from workers import protocol
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_TASK = "workers.tasks.inference_run"
 _background: set[asyncio.Task] = set()
 
 
@@ -145,7 +145,7 @@ async def request_send(*, request_id: str, kind: str, model: RegisteredModel, pa
     request id, so the worker's log names the request.
     """
     kwargs = {"request_id": request_id, "kind": kind, "model": model.worker_spec(), "params": params}
-    send = partial(celery_app.send_task, INFERENCE_TASK, queue=node.queue, task_id=request_id, kwargs=kwargs,
+    send = partial(celery_app.send_task, protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id, kwargs=kwargs,
                    expires=settings.LLMP_QUEUE_TIMEOUT)
     track = redis_client().pipeline(transaction=False)
     track.zadd(_inflight_key(node.name), {request_id: time.time()})

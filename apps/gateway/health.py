@@ -5,8 +5,8 @@ from __future__ import annotations
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
-from apps.gateway.dispatch import redis_client
 from apps.nodes.selectors import node_list_live, node_list_unhealthy
+from llmplatform.aioredis import redis_client
 
 
 async def liveness(request: HttpRequest) -> JsonResponse:

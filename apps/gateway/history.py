@@ -12,9 +12,9 @@ import uuid
 
 from django.utils import timezone
 
-from apps.gateway.dispatch import spawn
 from apps.gateway.errors import OpenAIError
 from apps.gateway.models import ApiKey, RequestLog, RequestStatus
+from llmplatform.background import spawn
 
 
 class RequestRecord:

@@ -1,4 +1,4 @@
-"""The gateway's Redis: one bounded client per event loop, and one reader for every request stream.
+"""The gateway's reader of every request stream, one per event loop (each gateway process).
 
 A blocking XREAD holds a connection for as long as it blocks, so reading each request's stream on
 its own would take one connection per request in flight, and a burst would exhaust any pool. So
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 import weakref
@@ -25,16 +24,11 @@ from redis.exceptions import RedisError
 
 from apps.gateway.errors import OpenAIError, broker_unavailable, worker_lost
 from apps.nodes.selectors import node_list_live
+from llmplatform.aioredis import redis_client, redis_client_dedicated
 from workers import protocol
 
 logger = logging.getLogger(__name__)
 
-# Short commands (placement counts, dispatch, release, health) share this many connections per
-# event loop; a command waits up to REDIS_CONNECTION_WAIT_SECONDS for one, and a Redis that does
-# not answer within REDIS_SOCKET_TIMEOUT_SECONDS is unavailable.
-REDIS_MAX_CONNECTIONS = 50
-REDIS_CONNECTION_WAIT_SECONDS = 10.0
-REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
 # How often the reader checks the liveness of the workers its requests wait on; also its longest
 # XREAD block. A dead worker is noticed within WORKER_ALIVE_TTL_SECONDS plus this.
 LIVENESS_CHECK_SECONDS = 1.0
@@ -45,26 +39,7 @@ READ_COUNT = 512  # entries per stream per XREAD
 WAKE_TTL_SECONDS = 3600
 FINAL_EVENTS = frozenset({protocol.EVENT_DONE, protocol.EVENT_ERROR, protocol.EVENT_CANCELLED})
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 _readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamReader] = weakref.WeakKeyDictionary()
-
-
-def client_name(role: str) -> str:
-    """What this process's connections call themselves in Redis's CLIENT LIST."""
-    return f"{settings.LLMP_REDIS_PREFIX}:gateway-{role}:{os.getpid()}"
-
-
-def redis_client() -> aioredis.Redis:
-    """One client per event loop, over a bounded pool: a burst waits for a connection, it is not refused."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_CONNECTION_WAIT_SECONDS,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-            client_name=client_name("commands"))
-        client = _clients[loop] = aioredis.Redis(connection_pool=pool)
-    return client
 
 
 def stream_reader() -> StreamReader:
@@ -162,12 +137,7 @@ class StreamReader:
 
     def _connection(self) -> aioredis.Redis:
         if self._client is None:
-            # Its own connection: the block never waits for the shared pool, nor holds one of its connections.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                settings.REDIS_URL, max_connections=1, timeout=REDIS_CONNECTION_WAIT_SECONDS,
-                socket_timeout=LIVENESS_CHECK_SECONDS + REDIS_SOCKET_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_SOCKET_TIMEOUT_SECONDS, client_name=client_name("reader"))
-            self._client = aioredis.Redis(connection_pool=pool)
+            self._client = redis_client_dedicated(role="reader", read_timeout=LIVENESS_CHECK_SECONDS)
         return self._client
 
     async def _run(self) -> None:

@@ -29,10 +29,10 @@ from django.http import HttpResponse, JsonResponse
 from apps.gateway.errors import OpenAIError
 from apps.gateway.history import RequestRecord
 from apps.gateway.models import RequestLog, RequestStatus
-from apps.gateway.sse import DONE, KEEP_ALIVE, sse_frame, sse_response
 from apps.gateway.validation import ValidRequest
 from apps.models.models import ExternalEndpoint, RegisteredModel
 from apps.models.secrets import SecretUnreadable, secret_decrypt
+from llmplatform.sse import DONE, KEEP_ALIVE, sse_frame, sse_response
 from workers.protocol import KIND_CHAT, KIND_COMPLETION, KIND_EMBEDDING
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qs, urlsplit
 
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -20,6 +21,7 @@ from django.http.request import validate_host
 
 from apps.jobs import events
 from apps.jobs.selectors import job_visible
+from llmplatform.authentication import api_key_user
 
 ALL = "*"
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -27,12 +29,7 @@ _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 @database_sync_to_async
 def _user_for_key(raw_key: str):
-    from asgiref.sync import async_to_sync
-
-    from apps.gateway.selectors import api_key_check
-
-    check = async_to_sync(api_key_check)(raw_key=raw_key)
-    return check.key.user if check.key is not None and check.key.user is not None else None
+    return async_to_sync(api_key_user)(raw_key=raw_key)
 
 
 class JobEventsConsumer(AsyncJsonWebsocketConsumer):

@@ -13,21 +13,23 @@ from apps.jobs.models import Job, JobStage, JobStatus
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_list_live
 from llmplatform.celery import app as celery_app
+from llmplatform.errors import ApplicationError
+from workers.protocol import TASK_JOB_RUN
 
 logger = logging.getLogger(__name__)
 
-JOB_TASK = "workers.tasks.job_run"
 
+class JobStateError(ApplicationError):
+    """The job is not in a state that allows this action (409)."""
 
-class JobStateError(Exception):
-    """The job is not in a state that allows this action."""
+    status = 409
 
 
 def _dispatch(job: Job, *, queue: str) -> None:
     """Wake a worker on ``queue`` for ``job`` once the current transaction commits."""
     job_id = str(job.pk)
     Job.objects.filter(pk=job.pk).update(dispatched_at=timezone.now())
-    transaction.on_commit(lambda: celery_app.send_task(JOB_TASK, args=[job_id], queue=queue))
+    transaction.on_commit(lambda: celery_app.send_task(TASK_JOB_RUN, args=[job_id], queue=queue))
 
 
 def job_create(*, kind: str, params: dict, node: Node, created_by=None) -> Job:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
-from apps.models.models import RegisteredModel
+from apps.models.models import ModelCopy, ModelSource, RegisteredModel
+from apps.models.services import GGUF_SUFFIX, ModelError, model_id_for_file
 
 
 def model_list_active() -> QuerySet[RegisteredModel]:
@@ -11,3 +12,67 @@ def model_list_active() -> QuerySet[RegisteredModel]:
 
 async def model_get_active(*, model_id: str) -> RegisteredModel | None:
     return await RegisteredModel.objects.filter(id=model_id, is_active=True).afirst()
+
+
+def model_list_external() -> QuerySet[RegisteredModel]:
+    """Every external API model, with its endpoint and creator, by id."""
+    return (RegisteredModel.objects.filter(source=ModelSource.EXTERNAL)
+            .select_related("endpoint", "created_by").order_by("id"))
+
+
+def model_get_file_backed(*, model_id: str) -> RegisteredModel | None:
+    """An active model with a file on the server (not an external API model)."""
+    return RegisteredModel.objects.filter(id=model_id, is_active=True).exclude(source=ModelSource.EXTERNAL).first()
+
+
+def model_get_by_name(*, name: str) -> RegisteredModel | None:
+    """A model by its file name (``.gguf`` appended when missing) or its id."""
+    file_name = name if name.lower().endswith(GGUF_SUFFIX) else name + GGUF_SUFFIX
+    return (RegisteredModel.objects.filter(file_name=file_name).first()
+            or RegisteredModel.objects.filter(id=name).first()
+            or RegisteredModel.objects.filter(id=model_id_for_file(file_name)).first())
+
+
+def model_file_names(*, model_ids: list[str]) -> dict[str, str]:
+    """The file name of each of these models that is registered (its id when it has no file)."""
+    return {model.id: model.file_name or model.id for model in RegisteredModel.objects.filter(id__in=model_ids)}
+
+
+def model_copy_list(*, node) -> QuerySet[ModelCopy]:
+    """The copies of models a node holds on its disk."""
+    return ModelCopy.objects.filter(node=node)
+
+
+def _hub_error(exc: Exception) -> ModelError:
+    """A Hugging Face Hub failure as the registry reports it: 404 for what does not exist, 403 for
+    what the token may not see, 502 for the rest."""
+    from workers import hf
+
+    if isinstance(exc, (hf.HfRepoNotFound, hf.HfRevisionNotFound, hf.HfFileNotFound)):
+        status = 404
+    elif isinstance(exc, hf.HfAccessDenied):
+        status = 403
+    else:
+        status = 502
+    return ModelError(str(exc), status=status)
+
+
+def hub_model_search(*, query: str, limit: int) -> list[dict]:
+    """GGUF models of the Hugging Face Hub matching ``query``, at most ``limit``; ModelError when the Hub fails."""
+    from workers import hf  # not at import: huggingface_hub is heavy and most processes never need it
+
+    try:
+        return hf.hf_search(query=query, limit=limit)
+    except hf.HfError as exc:
+        raise _hub_error(exc) from exc
+
+
+def hub_file_list(*, repo_id: str, revision: str | None) -> list[dict]:
+    """The files of a Hugging Face repo at ``revision`` (its default branch when None); ModelError when the
+    Hub fails or the repo does not exist."""
+    from workers import hf
+
+    try:
+        return hf.hf_repo_files(repo_id=repo_id, revision=revision)
+    except hf.HfError as exc:
+        raise _hub_error(exc) from exc

@@ -1,29 +1,37 @@
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.core import signing
 from django.db import IntegrityError, transaction
 
 from apps.models.models import ModelCopy, ModelSource, RegisteredModel
+from apps.nodes.models import Node
+from apps.nodes.selectors import node_list_live
+from apps.nodes.services import node_models_unload
+from llmplatform.celery import app as celery_app
+from llmplatform.errors import ApplicationError
 from workers.bundled import BUNDLED_FILE_NAME, bundled_model_path
+from workers.files import sha256_file
+from workers.protocol import TASK_MODEL_COPY_DELETE
+
+if TYPE_CHECKING:
+    from apps.models.uploads import ReceivedFile
+
+logger = logging.getLogger(__name__)
 
 GGUF_SUFFIX = ".gguf"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class ModelError(Exception):
-    """A request about models that cannot be done, with the HTTP status that says why."""
-
-    status = 400
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
+class ModelError(ApplicationError):
+    """A request about models that cannot be done, with the HTTP status that says why (400 by default)."""
 
 
 class ModelConflict(ModelError):
@@ -61,7 +69,7 @@ def model_id_check(model_id: str) -> str:
 
 def gguf_facts(path: Path) -> dict:
     """The registry fields read from a GGUF file's header; ModelError when it is not a valid GGUF."""
-    from apps.models.gguf import GGUFError, read_header, summarize
+    from workers.gguf import GGUFError, read_header, summarize
 
     size = path.stat().st_size
     try:
@@ -122,6 +130,89 @@ def model_delete(*, model: RegisteredModel) -> None:
             pass
 
 
+def model_register_upload(*, received: ReceivedFile, created_by=None) -> RegisteredModel:
+    """Register an uploaded GGUF file under its name, moving it where workers look.
+
+    Raises ModelError for an empty or invalid file and ModelConflict ("File already exists") when
+    a model of that id or file name exists; then nothing of the upload stays in the models
+    directory (the caller still discards ``received``).
+    """
+    name = received.name
+    model_id = model_id_for_file(name)
+    if received.size == 0:
+        raise ModelError("No file selected")
+    if RegisteredModel.objects.filter(id=model_id).exists() or RegisteredModel.objects.filter(file_name=name).exists():
+        raise ModelConflict("File already exists")
+    facts = gguf_facts(received.path)  # the whole header, before the file goes where workers look
+    final = settings.MODELS_DIR / name
+    try:
+        os.link(received.path, final)
+    except FileExistsError:
+        raise ModelConflict("File already exists") from None
+    try:
+        model = model_register_file(model_id=model_id, source=ModelSource.UPLOAD, path=final, sha256=received.sha256,
+                                    facts=facts, created_by=created_by)
+    except ModelConflict:
+        final.unlink(missing_ok=True)
+        raise ModelConflict("File already exists") from None
+    except Exception:
+        final.unlink(missing_ok=True)
+        raise
+    logger.info("uploaded %s (%d bytes, sha256 %s)", name, received.size, received.sha256)
+    return model
+
+
+def model_store_sync() -> dict:
+    """Register every valid .gguf in the models directory that no model owns; drop models whose file is gone.
+
+    Returns the file names ``added`` and ``removed``, and the ones ``skipped`` with the reason.
+    """
+    added, removed, skipped = [], [], []
+    owned = set(RegisteredModel.objects.exclude(source__in=[ModelSource.BUNDLED, ModelSource.EXTERNAL])
+                .values_list("file_name", flat=True))
+    for path in sorted(settings.MODELS_DIR.glob(f"*{GGUF_SUFFIX}")):
+        if path.name in owned or not path.is_file():
+            continue
+        try:
+            name = model_file_name_clean(path.name)
+            if name != path.name:
+                raise ModelError(f"unsafe file name; rename it to {name}")
+            model_register_file(model_id=model_id_for_file(name), source=ModelSource.UPLOAD, path=path,
+                                sha256=sha256_file(path))
+            added.append(path.name)
+        except ModelError as exc:
+            skipped.append({"name": path.name, "reason": str(exc)})
+    for model in RegisteredModel.objects.exclude(source__in=[ModelSource.BUNDLED, ModelSource.EXTERNAL]):
+        if not model_path(model).is_file():
+            removed.append(model.file_name)
+            model.delete()
+    return {"added": added, "removed": removed, "skipped": skipped}
+
+
+def model_unload_everywhere(*, model_ids: list[str] | None) -> list[str]:
+    """Every live node unloads ``model_ids`` (all when None) once their requests finish; returns the nodes' names."""
+    nodes = list(node_list_live())
+    for node in nodes:
+        node_models_unload(node=node, model_ids=model_ids)
+    return [node.name for node in nodes]
+
+
+def model_copy_delete(*, node: Node, model_id: str) -> None:
+    """Forget a node's copy of a model and have the node delete the file.
+
+    Only for a node with its own model cache (not the server's store); ModelError 404 when the
+    node holds no copy, 400 when it uses the server's store.
+    """
+    copy = ModelCopy.objects.filter(node=node, model_id=model_id).first()
+    if copy is None:
+        raise ModelError(f"Node {node.name} holds no copy of {model_id!r}", status=404)
+    if not node.hardware.get("own_model_cache"):
+        raise ModelError(f"Node {node.name} uses the server's model store; delete the model itself instead",
+                         status=400)
+    celery_app.send_task(TASK_MODEL_COPY_DELETE, args=[model_id], queue=node.queue)
+    copy.delete()
+
+
 def model_register_bundled() -> RegisteredModel:
     """Make sure the bundled SmolLM2 model is registered; idempotent and race-safe."""
     path = bundled_model_path()
@@ -134,3 +225,12 @@ def model_register_bundled() -> RegisteredModel:
             pass
     model, _ = RegisteredModel.objects.update_or_create(id=settings.LLMP_DEFAULT_MODEL_ID, defaults=defaults)
     return model
+
+
+BLOB_SALT = "llmplatform.blob"
+BLOB_TOKEN_MAX_AGE = 24 * 3600
+
+
+def blob_token(model_id: str) -> str:
+    """A token that lets a node fetch one model's file; signed with SECRET_KEY, valid for a day."""
+    return signing.dumps({"model": model_id}, salt=BLOB_SALT)

@@ -73,7 +73,7 @@ class GGUFUploadHandler(FileUploadHandler):
         return None
 
     def _check_head(self) -> None:
-        from apps.models.gguf import GGUFError, check_magic
+        from workers.gguf import GGUFError, check_magic
 
         try:
             check_magic(self._head)

@@ -8,14 +8,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.nodes.models import Node, NodeMetric, node_queue_name
+from llmplatform.errors import ApplicationError
+from workers.protocol import TASK_MODELS_UNLOAD
 
 logger = logging.getLogger(__name__)
 
-MODELS_UNLOAD_TASK = "workers.tasks.models_unload"
 
-
-class NodeMaintenanceError(Exception):
-    """A maintenance request that does not apply to this node (e.g. a GPU it does not have)."""
+class NodeMaintenanceError(ApplicationError):
+    """A maintenance request that does not apply to this node (e.g. a GPU it does not have): 400."""
 
 
 def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: dict, health_error: str = "",
@@ -72,7 +72,7 @@ def _checked_gpus(node: Node, gpus: list[int]) -> set[int]:
     unknown = sorted(set(gpus) - set(node.gpu_indexes))
     if unknown:
         raise NodeMaintenanceError(f"node {node.name} has no GPU {', '.join(map(str, unknown))} "
-                                   f"(its GPUs: {node.gpu_indexes or 'none'})")
+                                   f"(its GPUs: {node.gpu_indexes or 'none'})", param="gpus")
     return set(gpus)
 
 
@@ -102,7 +102,7 @@ def node_models_unload(*, node: Node, model_ids: list[str] | None = None) -> Non
     """Ask the node's worker to unload ``model_ids`` (all when None) once their requests finish."""
     from llmplatform.celery import app
 
-    transaction.on_commit(lambda: app.send_task(MODELS_UNLOAD_TASK, queue=node.queue, kwargs={"model_ids": model_ids}))
+    transaction.on_commit(lambda: app.send_task(TASK_MODELS_UNLOAD, queue=node.queue, kwargs={"model_ids": model_ids}))
 
 
 def node_drain(*, node: Node, gpus: list[int] | None = None) -> Node:

@@ -12,8 +12,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from apps.gateway.streams import REDIS_MAX_CONNECTIONS
 from llmplatform import devstack
+from llmplatform.aioredis import REDIS_MAX_CONNECTIONS
 
 BURST = 200
 

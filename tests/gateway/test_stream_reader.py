@@ -13,9 +13,10 @@ from django.conf import settings
 
 from apps.gateway.dispatch import request_events
 from apps.gateway.errors import OpenAIError
-from apps.gateway.streams import client_name, stream_reader
+from apps.gateway.streams import stream_reader
 from apps.nodes.services import node_register
 from llmplatform import devstack
+from llmplatform.aioredis import client_name
 from workers import protocol
 from workers.liveness import WorkerLiveness
 

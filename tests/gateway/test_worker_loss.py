@@ -18,7 +18,7 @@ import redis
 from django.conf import settings
 
 from apps.gateway import validation
-from apps.gateway.dispatch import INFERENCE_TASK, _inflight_key, request_events, request_send
+from apps.gateway.dispatch import _inflight_key, request_events, request_send
 from apps.models.services import model_register_bundled
 from apps.nodes.models import Node, node_queue_name
 from llmplatform import devstack
@@ -198,7 +198,7 @@ def test_a_request_left_in_a_queue_past_its_expiry_is_never_run_by_a_worker_star
 
         # The queue is first in, first out: once the fresh request is served, the stale one was seen.
         assert asyncio.run(serve_fresh())[-1] == protocol.EVENT_DONE
-        assert f"Discarding revoked task: {INFERENCE_TASK}[{stale}]" in worker.log()
+        assert f"Discarding revoked task: {protocol.TASK_INFERENCE_RUN}[{stale}]" in worker.log()
         assert not redis.Redis.from_url(settings.REDIS_URL).exists(
             protocol.stream_key(settings.LLMP_REDIS_PREFIX, stale))  # it never started
     finally:

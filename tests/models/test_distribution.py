@@ -10,8 +10,8 @@ import httpx
 import pytest
 from django.conf import settings
 
-from apps.models.api.lifecycle import blob_token
 from apps.models.models import ModelCopy, RegisteredModel
+from apps.models.services import blob_token
 from apps.nodes.models import Node
 from apps.nodes.services import node_cordon, node_uncordon
 from llmplatform import devstack

@@ -14,9 +14,9 @@ import gguf
 import numpy
 import pytest
 
-from apps.models import gguf as validator
-from apps.models.gguf import GGUFError, check_magic, read_header, summarize
+from workers import gguf as validator
 from workers.bundled import bundled_model_path
+from workers.gguf import GGUFError, check_magic, read_header, summarize
 
 VT = gguf.GGUFValueType
 QT = gguf.GGMLQuantizationType

@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from llmplatform import devstack
+from node.config import node_config
 from workers.bundled import bundled_model_path
-from workers.node import node_config
 from workers.runner import llama_options
 from workers.selftest import CRASH_ENV, PROMPT, SelfTest, SelfTestResult, selftest_advice, selftest_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -14,10 +14,7 @@ from apps.nodes.selectors import node_get
 
 
 def _query(request, **options) -> engine.FitQuery:
-    try:
-        return engine.parse_query(request.query_params, **options)
-    except engine.FitQueryError as exc:
-        raise ValidationError(str(exc)) from None
+    return engine.parse_query(request.query_params, **options)  # FitQueryError: 400
 
 
 def _node(ref: str) -> Node:

@@ -6,17 +6,18 @@ import re
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from apps.gateway.authentication import request_user
-from apps.gateway.sse import KEEP_ALIVE, sse_frame, sse_response
 from apps.jobs import events
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
 from apps.jobs.selectors import job_list_visible, job_visible
-from apps.jobs.services import JobStateError, job_cancel, job_retry
+from apps.jobs.services import job_cancel, job_retry
+from llmplatform.aioredis import redis_client
+from llmplatform.authentication import request_user
+from llmplatform.sse import KEEP_ALIVE, sse_frame, sse_response
 
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 SSE_BLOCK_MS = 2000
@@ -37,19 +38,13 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @extend_schema(request=None, responses={200: JobSerializer, 409: dict})
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        try:
-            job = job_cancel(job=self.get_object())
-        except JobStateError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        job = job_cancel(job=self.get_object())  # JobStateError: 409
         return Response(JobSerializer(job).data)
 
     @extend_schema(request=None, responses={200: JobSerializer, 409: dict})
     @action(detail=True, methods=["post"])
     def retry(self, request, pk=None):
-        try:
-            job = job_retry(job=self.get_object())
-        except JobStateError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        job = job_retry(job=self.get_object())  # JobStateError: 409
         return Response(JobSerializer(job).data)
 
 
@@ -67,8 +62,6 @@ async def job_events(request: HttpRequest, job_id: str):
         return JsonResponse({"error": f"invalid Last-Event-ID {last_id!r}: use an event's id"}, status=400)
 
     async def stream():
-        from apps.gateway.dispatch import redis_client
-
         cursor = last_id or "0-0"
         terminal = job.is_terminal
         redis = redis_client()

@@ -10,8 +10,9 @@ from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.response import Response
 
 from apps.models.external import model_delete_external, model_register_external, model_update_external
-from apps.models.models import ModelSource, RegisteredModel
+from apps.models.models import RegisteredModel
 from apps.models.secrets import secret_hint
+from apps.models.selectors import model_list_external
 from apps.models.services import ModelError
 
 
@@ -48,8 +49,7 @@ class ExternalModelViewSet(viewsets.ModelViewSet):
     lookup_value_regex = r"[^/]+"
 
     def get_queryset(self):
-        return (RegisteredModel.objects.filter(source=ModelSource.EXTERNAL)
-                .select_related("endpoint", "created_by").order_by("id"))
+        return model_list_external()
 
     def get_permissions(self):
         if self.action in ("list", "retrieve"):

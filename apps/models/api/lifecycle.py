@@ -13,17 +13,13 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from apps.gateway.authentication import request_user
 from apps.jobs.api.serializers import JobSerializer
 from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_download_start, model_quantize_start
-from apps.models.models import ModelCopy, ModelSource, RegisteredModel
-from apps.models.services import GGUF_SUFFIX, model_path
+from apps.models.selectors import hub_file_list, hub_model_search, model_copy_list, model_get_file_backed
+from apps.models.services import BLOB_SALT, BLOB_TOKEN_MAX_AGE, GGUF_SUFFIX, model_copy_delete, model_path
 from apps.nodes.selectors import node_get
 from apps.nodes.services import node_models_unload
-from llmplatform.celery import app as celery_app
-
-BLOB_SALT = "llmplatform.blob"
-BLOB_TOKEN_MAX_AGE = 24 * 3600
+from llmplatform.authentication import request_user
 
 
 def _error(message: str, code: int) -> Response:
@@ -34,8 +30,6 @@ class HubSearchView(APIView):
     @extend_schema(summary="Search Hugging Face models", parameters=[
         OpenApiParameter("q", str, required=True), OpenApiParameter("limit", int)], responses={200: dict})
     def get(self, request):
-        from workers import hf
-
         query = request.query_params.get("q", "").strip()
         if not query:
             return _error("q is required", 400)
@@ -43,19 +37,17 @@ class HubSearchView(APIView):
             limit = min(100, max(1, int(request.query_params.get("limit", 20))))
         except ValueError:
             return _error("limit must be an integer", 400)
-        return Response({"models": hf.hf_search(query=query, limit=limit)})
+        return Response({"models": hub_model_search(query=query, limit=limit)})
 
 
 class HubFilesView(APIView):
     @extend_schema(summary="A Hugging Face repo's files, to pick a GGUF quant", parameters=[
         OpenApiParameter("repo", str, required=True), OpenApiParameter("revision", str)], responses={200: dict})
     def get(self, request):
-        from workers import hf
-
         repo = request.query_params.get("repo", "").strip()
         if not repo:
             return _error("repo is required", 400)
-        files = hf.hf_repo_files(repo_id=repo, revision=request.query_params.get("revision") or None)
+        files = hub_file_list(repo_id=repo, revision=request.query_params.get("revision") or None)
         return Response({"repo": repo, "files": files, "gguf_files": [f for f in files if f.get("is_gguf")]})
 
 
@@ -122,7 +114,7 @@ class NodeCacheView(APIView):
         if found is None:
             return _error(f"Node {node!r} not found", 404)
         held = [{"model": copy.model_id, "size_bytes": copy.size_bytes, "since": copy.created_at}
-                for copy in ModelCopy.objects.filter(node=found)]
+                for copy in model_copy_list(node=found)]
         return Response({"node": found.name, "held": held, "loaded": list(found.loaded_models)})
 
 
@@ -148,19 +140,8 @@ class NodeCacheDeleteView(APIView):
         found = node_get(ref=node)
         if found is None:
             return _error(f"Node {node!r} not found", 404)
-        copy = ModelCopy.objects.filter(node=found, model_id=model).first()
-        if copy is None:
-            return _error(f"Node {found.name} holds no copy of {model!r}", 404)
-        if not found.hardware.get("own_model_cache"):
-            return _error(f"Node {found.name} uses the server's model store; delete the model itself instead", 400)
-        celery_app.send_task("workers.tasks.model_copy_delete", args=[model], queue=found.queue)
-        copy.delete()
+        model_copy_delete(node=found, model_id=model)  # ModelError: 404 no copy, 400 the server's store
         return Response({"message": "Delete requested", "node": found.name, "model": model}, status=202)
-
-
-def blob_token(model_id: str) -> str:
-    """A token that lets a node fetch one model's file; signed with SECRET_KEY, valid for a day."""
-    return signing.dumps({"model": model_id}, salt=BLOB_SALT)
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -179,7 +160,7 @@ def model_blob(request: HttpRequest, model_id: str) -> HttpResponse:
             return JsonResponse({"error": "The token is for another model"}, status=403)
     elif async_to_sync(request_user)(request) is None:
         return JsonResponse({"error": "Authentication credentials were not provided."}, status=401)
-    model = RegisteredModel.objects.filter(id=model_id, is_active=True).exclude(source=ModelSource.EXTERNAL).first()
+    model = model_get_file_backed(model_id=model_id)
     if model is None:
         return JsonResponse({"error": f"Model {model_id!r} not found"}, status=404)
     path = model_path(model)

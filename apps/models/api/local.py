@@ -9,7 +9,6 @@ the rest of the management API; errors are ``{"error": "..."}``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,22 +20,21 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.gateway.errors import OpenAIError
+from apps.gateway.inference import generate_answer
+from apps.models.external import model_register_external
 from apps.models.models import ModelSource, RegisteredModel
+from apps.models.selectors import model_file_names, model_get_by_name, model_list_active
 from apps.models.services import (
-    GGUF_SUFFIX,
-    ModelConflict,
     ModelError,
-    gguf_facts,
     model_delete,
-    model_file_name_clean,
-    model_id_for_file,
     model_path,
-    model_register_file,
+    model_register_upload,
+    model_store_sync,
+    model_unload_everywhere,
 )
 from apps.models.uploads import FILE_FIELD, GGUFUploadHandler
 from apps.nodes.selectors import node_list_live
-from apps.nodes.services import node_models_unload
-from workers.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,24 +79,8 @@ def model_info(model: RegisteredModel) -> dict:
 
 
 def _models_listing() -> dict:
-    models = [model_info(model) for model in RegisteredModel.objects.filter(is_active=True)]
+    models = [model_info(model) for model in model_list_active()]
     return {"models": models, "count": len(models)}
-
-
-def model_by_name(name: str) -> RegisteredModel | None:
-    """A model by its file name (``.gguf`` appended when missing) or its id."""
-    file_name = name if name.lower().endswith(GGUF_SUFFIX) else name + GGUF_SUFFIX
-    return (RegisteredModel.objects.filter(file_name=file_name).first()
-            or RegisteredModel.objects.filter(id=name).first()
-            or RegisteredModel.objects.filter(id=model_id_for_file(file_name)).first())
-
-
-def _unload_on_live_nodes(model_ids: list[str] | None) -> list[str]:
-    """Every live node unloads ``model_ids`` (all when None) once their requests finish."""
-    nodes = list(node_list_live())
-    for node in nodes:
-        node_models_unload(node=node, model_ids=model_ids)
-    return [node.name for node in nodes]
 
 
 class HealthView(APIView):
@@ -143,33 +125,12 @@ class ModelsView(APIView):
             received.discard()
 
     def _register_upload(self, request, received) -> Response:
-        name = received.name
-        model_id = model_id_for_file(name)
-        if received.size == 0:
-            return _error("No file selected", 400)
-        if RegisteredModel.objects.filter(id=model_id).exists() or RegisteredModel.objects.filter(file_name=name).exists():
-            return _error("File already exists", 409)
-        facts = gguf_facts(received.path)  # the whole header, before the file goes where workers look
-        final = settings.MODELS_DIR / name
-        try:
-            os.link(received.path, final)
-        except FileExistsError:
-            return _error("File already exists", 409)
-        try:
-            model = model_register_file(model_id=model_id, source=ModelSource.UPLOAD, path=final, sha256=received.sha256,
-                                        facts=facts, created_by=request.user if request.user.is_authenticated else None)
-        except ModelConflict:
-            final.unlink(missing_ok=True)
-            return _error("File already exists", 409)
-        except Exception:
-            final.unlink(missing_ok=True)
-            raise
-        logger.info("uploaded %s (%d bytes, sha256 %s)", name, received.size, received.sha256)
-        return Response({"message": "File uploaded successfully", "filename": name, "model_info": model_info(model)})
+        model = model_register_upload(received=received,  # ModelError: 400, ModelConflict: 409
+                                      created_by=request.user if request.user.is_authenticated else None)
+        return Response({"message": "File uploaded successfully", "filename": received.name,
+                         "model_info": model_info(model)})
 
     def _register_external(self, request) -> Response:
-        from apps.models.external import model_register_external
-
         if not request.user.is_staff:  # the server would call a URL of the caller's choosing
             return _error("Only staff users may register external API models", 403)
         body = request.data if isinstance(request.data, dict) else {}
@@ -189,44 +150,20 @@ class ModelsView(APIView):
 class ModelDeleteView(APIView):
     @extend_schema(summary="Delete a model (appends .gguf when missing)", responses={200: dict, 404: dict})
     def delete(self, request, name: str):
-        model = model_by_name(name)
+        model = model_get_by_name(name=name)
         if model is None:
             return _error("Model not found", 404)
         if model.source == ModelSource.BUNDLED:
             return _error("The bundled model cannot be deleted", 400)
         filename = model.file_name or model.id
         try:
-            _unload_on_live_nodes([model.id])
+            model_unload_everywhere(model_ids=[model.id])
             model_delete(model=model)
         except Exception as exc:
             logger.exception("deleting %s failed", filename)
             return _error(f"Failed to delete model: {exc}", 500)
         return Response({"message": "Model deleted successfully", "filename": filename,
-                         "remaining_models": RegisteredModel.objects.filter(is_active=True).count()})
-
-
-def models_sync() -> dict:
-    """Register every valid .gguf in the models directory that no model owns; drop models whose file is gone."""
-    added, removed, skipped = [], [], []
-    owned = set(RegisteredModel.objects.exclude(source__in=[ModelSource.BUNDLED, ModelSource.EXTERNAL])
-                .values_list("file_name", flat=True))
-    for path in sorted(settings.MODELS_DIR.glob(f"*{GGUF_SUFFIX}")):
-        if path.name in owned or not path.is_file():
-            continue
-        try:
-            name = model_file_name_clean(path.name)
-            if name != path.name:
-                raise ModelError(f"unsafe file name; rename it to {name}")
-            model_register_file(model_id=model_id_for_file(name), source=ModelSource.UPLOAD, path=path,
-                                sha256=sha256_file(path))
-            added.append(path.name)
-        except ModelError as exc:
-            skipped.append({"name": path.name, "reason": str(exc)})
-    for model in RegisteredModel.objects.exclude(source__in=[ModelSource.BUNDLED, ModelSource.EXTERNAL]):
-        if not model_path(model).is_file():
-            removed.append(model.file_name)
-            model.delete()
-    return {"added": added, "removed": removed, "skipped": skipped}
+                         "remaining_models": model_list_active().count()})
 
 
 class ModelsSyncView(APIView):
@@ -234,7 +171,7 @@ class ModelsSyncView(APIView):
                    responses={200: dict})
     def post(self, request):
         try:
-            changes = models_sync()
+            changes = model_store_sync()
         except Exception as exc:
             logger.exception("sync failed")
             return _error(f"Failed to sync models: {exc}", 500)
@@ -259,9 +196,6 @@ class GenerateView(APIView):
             "n_gpu_layers": {"type": "integer"}, "n_batch": {"type": "integer"}, "temperature": {"type": "number"},
             "max_tokens": {"type": "integer"}}}}, responses={200: dict, 400: dict, 404: dict, 500: dict})
     def post(self, request):
-        from apps.gateway.errors import OpenAIError
-        from apps.gateway.generate import generate_answer
-
         try:
             body = request.data
         except ParseError:
@@ -274,7 +208,7 @@ class GenerateView(APIView):
         model_name = body.get("model_name")
         if not isinstance(model_name, str) or not model_name.strip():
             return _error("Model name is required", 400)
-        model = model_by_name(model_name.strip())
+        model = model_get_by_name(name=model_name.strip())
         if model is None or not model.is_active:
             return _error("Model not found", 404)
         temperature = body.get("temperature", settings.LLMP_GENERATE_TEMPERATURE)
@@ -313,7 +247,7 @@ class CacheClearView(APIView):
     @extend_schema(summary="Unload every model from every live node's memory", request=None, responses={200: dict})
     def post(self, request):
         try:
-            nodes = _unload_on_live_nodes(None)
+            nodes = model_unload_everywhere(model_ids=None)
         except Exception as exc:
             logger.exception("cache clear failed")
             return _error(f"Failed to clear cache: {exc}", 500)
@@ -326,7 +260,7 @@ class CacheStatusView(APIView):
         try:
             by_node = {node.name: list(node.loaded_models) for node in list(node_list_live())}
             ids = sorted({model_id for loaded in by_node.values() for model_id in loaded})
-            names = {m.id: m.file_name or m.id for m in RegisteredModel.objects.filter(id__in=ids)}
+            names = model_file_names(model_ids=ids)
             cached = [names.get(model_id, model_id) for model_id in ids]
         except Exception as exc:
             logger.exception("cache status failed")

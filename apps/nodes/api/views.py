@@ -2,14 +2,14 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
 from apps.nodes.api.filters import NodeFilter
 from apps.nodes.api.serializers import NodeMaintenanceSerializer, NodeMetricsQuerySerializer, NodeSerializer
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_get, node_list_with_status, node_metrics_history
-from apps.nodes.services import NodeMaintenanceError, node_cordon, node_delete, node_drain, node_uncordon
+from apps.nodes.services import node_cordon, node_delete, node_drain, node_uncordon
 
 
 class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
@@ -42,10 +42,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
     def _maintain(self, request, service, *, reply_status=status.HTTP_200_OK) -> Response:
         body = NodeMaintenanceSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        try:
-            node = service(node=self.get_object(), gpus=body.validated_data.get("gpus"))
-        except NodeMaintenanceError as exc:
-            raise ValidationError({"gpus": [str(exc)]}) from exc
+        node = service(node=self.get_object(), gpus=body.validated_data.get("gpus"))  # NodeMaintenanceError: 400
         return Response(self.get_serializer(node).data, status=reply_status)
 
     @extend_schema(request=NodeMaintenanceSerializer)
