@@ -34,7 +34,8 @@ run: $(STAMP)
 test: lint test-sqlite test-postgres
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check --select E,F,I,W apps workers llmplatform tests bench tools
+	$(VENV)/bin/ruff check --select E,F,I,W apps node workers llmplatform tests bench tools
+	$(VENV)/bin/lint-imports
 
 test-sqlite: $(STAMP)
 	$(PY) -m pytest
