@@ -3,8 +3,9 @@
 from celery import shared_task
 
 from node.config import node_config, node_liveness, node_pool, node_redis
+from workers.messages import InferenceRequest
 from workers.protocol import TASK_INFERENCE_RUN, TASK_JOB_REAP, TASK_JOB_RUN, TASK_MODEL_COPY_DELETE, TASK_MODELS_UNLOAD
-from workers.runner import request_run
+from workers.runner import request_refuse, request_run
 
 
 # Not acks_late: a generation that was half streamed must not be replayed after a crash; the
@@ -12,8 +13,15 @@ from workers.runner import request_run
 # it with an expiry (its queue timeout), so a message a dead worker had reserved never runs later.
 @shared_task(name=TASK_INFERENCE_RUN, ignore_result=True)
 def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None:
-    request_run(request_id=request_id, kind=kind, model=model, params=params, config=node_config(),
-                redis=node_redis(), pool=node_pool(), incarnation=node_liveness().incarnation)
+    """The kwargs are ``InferenceRequest.to_wire()``'s."""
+    try:
+        request = InferenceRequest.from_wire({"request_id": request_id, "kind": kind, "model": model, "params": params})
+    except (KeyError, TypeError, ValueError) as exc:  # a gateway of another version: fail it now, not at a timeout
+        request_refuse(request_id=request_id, reason=f"the worker cannot read this request ({exc!r})",
+                       config=node_config(), redis=node_redis())
+        return
+    request_run(request, config=node_config(), redis=node_redis(), pool=node_pool(),
+                incarnation=node_liveness().incarnation)
 
 
 # acks_late + reject_on_worker_lost: a job whose worker dies goes back to the queue. The Job row

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from workers.messages import SamplingParams  # defined with the request it comes in
+
 
 class InferenceError(Exception):
     """A request the worker cannot serve; carries the OpenAI error fields for the client."""
@@ -25,17 +27,6 @@ class InferenceError(Exception):
     def as_event(self) -> dict:
         return {"message": self.message, "code": self.code, "status": self.status, "param": self.param,
                 "type": self.type}
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
 
 
 @dataclass

@@ -6,7 +6,7 @@ import base64
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp
@@ -14,8 +14,9 @@ import numpy as np
 
 from workers import calibration, protocol
 from workers.bundled import BundledModelMissing, bundled_model_path
-from workers.generation import InferenceError, SamplingParams, generate
+from workers.generation import InferenceError, generate
 from workers.hardware import inference_threads
+from workers.messages import InferenceRequest, ModelRef
 from workers.pool import ModelKey, ModelPool, PoolExhausted
 from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
 
@@ -38,28 +39,28 @@ class NodeConfig:
     on_model_present: Callable[[str], None] | None = None
 
 
-def model_path(model: dict, models_dir: Path) -> Path:
+def model_path(model: ModelRef, models_dir: Path) -> Path:
     """Where this node keeps the file of a registered model."""
-    if model["source"] == "bundled":
+    if model.source == "bundled":
         try:
             return bundled_model_path()
         except BundledModelMissing as exc:
             raise InferenceError(str(exc), code="model_unavailable", status=503, type="server_error") from exc
-    return models_dir / model["file_name"]
+    return models_dir / model.file_name
 
 
-def _pull(model: dict, path: Path, config: NodeConfig) -> Path:
+def _pull(model: ModelRef, path: Path, config: NodeConfig) -> Path:
     import httpx
 
     from workers.distribution import PullError, model_pull
 
-    logger.info("model %s is not on this node; pulling %s from the server", model["id"], path.name)
+    logger.info("model %s is not on this node; pulling %s from the server", model.id, path.name)
     try:
-        return model_pull(url=config.blob_url(model["id"]), dest=path, size=model.get("size_bytes") or 0,
-                          sha256=model.get("sha256") or "")
+        return model_pull(url=config.blob_url(model.id), dest=path, size=model.size_bytes or 0,
+                          sha256=model.sha256 or "")
     except (PullError, OSError, httpx.HTTPError) as exc:
-        logger.error("pulling %s failed: %s", model["id"], exc)
-        raise InferenceError(f"model {model['id']} could not be fetched to node {config.name}: {exc}",
+        logger.error("pulling %s failed: %s", model.id, exc)
+        raise InferenceError(f"model {model.id} could not be fetched to node {config.name}: {exc}",
                              code="model_unavailable", status=503, type="server_error") from exc
 
 
@@ -100,13 +101,23 @@ def _embedding_result(llm: llama_cpp.Llama, inputs: list[str], encoding_format: 
     return {"data": data, "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens}}
 
 
-def request_run(*, request_id: str, kind: str, model: dict, params: dict, config: NodeConfig,
-                redis, pool: ModelPool, incarnation: str | None = None) -> None:
+def request_refuse(*, request_id: str, reason: str, config: NodeConfig, redis) -> None:
+    """End a request this worker cannot even read with an error event, so its client learns at once."""
+    logger.error("request %s refused: %s", request_id, reason)
+    stream = protocol.RequestStream(redis, config.redis_prefix, request_id)
+    stream.emit(protocol.EVENT_ERROR, InferenceError(reason, code="internal_error", status=500,
+                                                     type="server_error").as_event())
+    stream.close()
+
+
+def request_run(request: InferenceRequest, *, config: NodeConfig, redis, pool: ModelPool,
+                incarnation: str | None = None) -> None:
     """Serve one request; every outcome, failure included, ends the stream with one final event.
 
     ``incarnation`` (this worker process's liveness id) goes out with the start event, so the
     gateway watches the process that actually serves the request.
     """
+    request_id, kind, model = request.request_id, request.kind, request.model
     stream = protocol.RequestStream(redis, config.redis_prefix, request_id)
     if stream.emit(protocol.EVENT_START, {"node": config.name, "worker": incarnation}):
         logger.info("request %s was cancelled before it started", request_id)
@@ -114,34 +125,29 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
         return
     try:
         path = model_path(model, config.models_dir)
-        if not path.is_file() and config.blob_url is not None and model["source"] != "bundled":
+        if not path.is_file() and config.blob_url is not None and model.source != "bundled":
             path = _pull(model, path, config)
         if config.on_model_present is not None and path.is_file():
-            config.on_model_present(model["id"])
+            config.on_model_present(model.id)
         if not path.is_file():
-            logger.error("model %s: %s does not exist on this node", model["id"], path)
-            raise InferenceError(f"model {model['id']} is not available on node {config.name}: its file "
+            logger.error("model %s: %s does not exist on this node", model.id, path)
+            raise InferenceError(f"model {model.id} is not available on node {config.name}: its file "
                                  f"{path.name} is missing", code="model_unavailable", status=503, type="server_error")
-        key = ModelKey(model["id"], str(path), embedding=kind == KIND_EMBEDDING)
+        key = ModelKey(model.id, str(path), embedding=kind == KIND_EMBEDDING)
         leasing_started = time.monotonic()
         with pool.lease(key) as llm:
             # A client may leave while its request waits for a slot or a model load.
             if time.monotonic() - leasing_started > 0.05 and stream.cancelled():
                 raise protocol.RequestCancelled()
             if kind == KIND_EMBEDDING:
-                result = _embedding_result(llm, params["input"], params.get("encoding_format", "float"))
+                result = _embedding_result(llm, list(request.input), request.encoding_format)
                 stream.emit(protocol.EVENT_DONE, result)
                 return
             if kind == KIND_CHAT:
-                tokens, template_stops = chat_prompt_tokens(llm, params["messages"])
+                tokens, template_stops = chat_prompt_tokens(llm, list(request.messages))
             else:
-                tokens, template_stops = completion_prompt_tokens(llm, params["prompt"]), []
-            sampling = SamplingParams(
-                max_tokens=params["max_tokens"], temperature=params["temperature"], top_p=params["top_p"],
-                stop=tuple(params.get("stop") or ()) + tuple(template_stops), seed=params.get("seed"),
-                frequency_penalty=params.get("frequency_penalty", 0.0),
-                presence_penalty=params.get("presence_penalty", 0.0),
-            )
+                tokens, template_stops = completion_prompt_tokens(llm, request.prompt), []
+            sampling = replace(request.sampling, stop=request.sampling.stop + tuple(template_stops))
             first_token_at: list[float] = []
 
             def emit_token(text: str) -> None:
@@ -155,7 +161,7 @@ def request_run(*, request_id: str, kind: str, model: dict, params: dict, config
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         stream.emit(protocol.EVENT_DONE, {"finish_reason": result.finish_reason, "usage": usage})
         if result.completion_tokens >= 8 and decode_seconds > 0:  # fit calibration: decoding speed
-            calibration.speed_measured(model["id"], (result.completion_tokens - 1) / decode_seconds)
+            calibration.speed_measured(model.id, (result.completion_tokens - 1) / decode_seconds)
     except protocol.RequestCancelled:
         logger.info("request %s cancelled by its client after %d tokens", request_id, stream.tokens_emitted)
         stream.emit(protocol.EVENT_CANCELLED, {"tokens_emitted": stream.tokens_emitted, "at": time.time()})

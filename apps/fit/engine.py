@@ -42,6 +42,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
@@ -58,9 +59,6 @@ GPU_EFFICIENCY, CPU_EFFICIENCY = 0.6, 0.5
 UNKNOWN_GPU_BANDWIDTH_GBPS = 300.0
 SPEED_TARGET_TPS = 30.0
 
-FIT_RANK = {"too_tight": 0, "marginal": 1, "good": 2, "perfect": 3}
-FIT_LABELS = {"perfect": "Perfect", "good": "Good", "marginal": "Marginal", "too_tight": "Too Tight"}
-FIT_SCORE = {"perfect": 100.0, "good": 80.0, "marginal": 50.0, "too_tight": 0.0}
 RUN_MODE_LABELS = {"gpu": "GPU", "cpu_offload": "CPU+GPU", "cpu_only": "CPU"}
 USE_CASES = ("general", "coding", "reasoning", "chat", "multimodal", "embedding")
 USE_CASE_LABELS = {"general": "General", "coding": "Coding", "reasoning": "Reasoning", "chat": "Chat",
@@ -74,6 +72,53 @@ BITS_PER_WEIGHT = {
     "Q2_K": 3.0, "IQ2_M": 2.7, "IQ2_XXS": 2.1,
 }
 _FULL_PRECISION = {"F32", "F16", "BF16"}
+
+
+class FitLevel(StrEnum):
+    """How well a model fits a machine, worst first; a ``str``, so rows and JSON carry the bare value.
+
+    The one ranking of levels: ``rank`` (and ``<``, ``>=``...) grows with the fit, so the best
+    level is ``max(levels)`` and placement prefers a higher rank.
+    """
+
+    TOO_TIGHT = "too_tight"
+    MARGINAL = "marginal"
+    GOOD = "good"
+    PERFECT = "perfect"
+
+    @property
+    def rank(self) -> int:
+        return _FIT_ORDER.index(self)
+
+    @property
+    def label(self) -> str:
+        return _FIT_LABELS[self]
+
+    @property
+    def score(self) -> float:
+        return _FIT_SCORES[self]
+
+    @property
+    def runnable(self) -> bool:
+        return self is not FitLevel.TOO_TIGHT
+
+    def __lt__(self, other):
+        return self.rank < FitLevel(other).rank if isinstance(other, str) else NotImplemented
+
+    def __le__(self, other):
+        return self.rank <= FitLevel(other).rank if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other):
+        return self.rank > FitLevel(other).rank if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other):
+        return self.rank >= FitLevel(other).rank if isinstance(other, str) else NotImplemented
+
+
+_FIT_ORDER = tuple(FitLevel)
+_FIT_LABELS = {FitLevel.PERFECT: "Perfect", FitLevel.GOOD: "Good", FitLevel.MARGINAL: "Marginal",
+               FitLevel.TOO_TIGHT: "Too Tight"}
+_FIT_SCORES = {FitLevel.PERFECT: 100.0, FitLevel.GOOD: 80.0, FitLevel.MARGINAL: 50.0, FitLevel.TOO_TIGHT: 0.0}
 
 
 class FitQueryError(ApplicationError, ValueError):
@@ -316,16 +361,18 @@ def kv_cache_bytes(model: ModelSpec, context: int) -> int:
     return 2 * model.layers * model.kv_heads * model.head_dim * context * KV_CACHE_BYTES_PER_VALUE
 
 
-def _place(required: int, machine: Machine) -> tuple[str, str, int]:
+def _place(required: int, machine: Machine) -> tuple[str, FitLevel, int]:
     """(run_mode, fit_level, capacity in bytes) for a model needing ``required`` bytes."""
     vram, ram = machine.vram_bytes, machine.ram_bytes
     if vram > 0 and required <= vram:
         share = required / vram
-        level = "perfect" if share <= GPU_PERFECT_MAX else "good" if share <= GPU_GOOD_MAX else "marginal"
+        level = (FitLevel.PERFECT if share <= GPU_PERFECT_MAX else FitLevel.GOOD if share <= GPU_GOOD_MAX
+                 else FitLevel.MARGINAL)
         return "gpu", level, vram
     mode, capacity = ("cpu_offload", vram + ram) if vram > 0 else ("cpu_only", ram)
     share = required / capacity if capacity else math.inf
-    level = "good" if share <= SHARED_GOOD_MAX else "marginal" if share <= SHARED_MARGINAL_MAX else "too_tight"
+    level = (FitLevel.GOOD if share <= SHARED_GOOD_MAX else FitLevel.MARGINAL if share <= SHARED_MARGINAL_MAX
+             else FitLevel.TOO_TIGHT)
     return mode, level, capacity
 
 
@@ -351,7 +398,7 @@ class _Option:
     kv: int
     required: int
     mode: str
-    level: str
+    level: FitLevel
     capacity: int
 
 
@@ -367,12 +414,12 @@ def _options(model: ModelSpec, machine: Machine, context: int) -> list[_Option]:
 
 
 def _best(options: list[_Option]) -> _Option:
-    runnable = [o for o in options if o.level != "too_tight"]
+    runnable = [o for o in options if o.level.runnable]
     if not runnable:
         return min(options, key=lambda o: o.required)
 
     def preference(option: _Option):
-        return (option.mode == "gpu", FIT_RANK[option.level] >= FIT_RANK["good"], option.quant.bits_per_weight)
+        return (option.mode == "gpu", option.level >= FitLevel.GOOD, option.quant.bits_per_weight)
 
     return max(runnable, key=preference)
 
@@ -415,7 +462,7 @@ def model_fit(model: ModelSpec, machine: Machine, *, context_limit: int | None,
     components = {
         "quality": round(100 * quality, 1),
         "speed": round(100 * min(1.0, tps / SPEED_TARGET_TPS), 1),
-        "fit": FIT_SCORE[level],
+        "fit": level.score,
         "context": round(100 * min(1.0, max(0.0, math.log2(model.context_length / 2048) / 6)), 1),
     }
     score = (0.4 * components["quality"] + 0.3 * components["speed"] + 0.2 * components["fit"]
@@ -435,7 +482,7 @@ def model_fit(model: ModelSpec, machine: Machine, *, context_limit: int | None,
         "is_moe": model.is_moe,
         "architecture": model.architecture,
         "fit_level": level,
-        "fit_label": FIT_LABELS[level],
+        "fit_label": level.label,
         "run_mode": mode,
         "run_mode_label": RUN_MODE_LABELS[mode],
         "score": round(score, 1),
@@ -463,8 +510,7 @@ def model_fit(model: ModelSpec, machine: Machine, *, context_limit: int | None,
 
 # --- llmfit's query parameters -----------------------------------------------------------
 
-_MIN_FIT = {"perfect": "perfect", "good": "good", "marginal": "marginal", "too_tight": "too_tight",
-            "tootight": "too_tight", "tight": "too_tight"}
+_MIN_FIT = {**{level.value: level for level in FitLevel}, "tootight": FitLevel.TOO_TIGHT, "tight": FitLevel.TOO_TIGHT}
 _RUNTIMES = {"any": "any", "mlx": "mlx", "llamacpp": "llamacpp", "llama.cpp": "llamacpp", "llama_cpp": "llamacpp",
              "vllm": "vllm"}
 _USE_CASES = {"coding": "coding", "code": "coding", "reasoning": "reasoning", "reason": "reasoning", "chat": "chat",
@@ -571,13 +617,14 @@ def row_passes(row: dict, query: FitQuery) -> bool:
 
 
 def level_passes(level: str, query: FitQuery) -> bool:
+    level = FitLevel(level)
     if query.perfect:
-        if level != "perfect":
+        if level is not FitLevel.PERFECT:
             return False
-    elif FIT_RANK[level] < FIT_RANK[_MIN_FIT[(query.min_fit or "marginal").strip().lower()]]:
+    elif level < _MIN_FIT[(query.min_fit or FitLevel.MARGINAL).strip().lower()]:
         return False
     include_too_tight = query.include_too_tight if query.include_too_tight is not None else not query.top_only
-    return not ((query.top_only or not include_too_tight) and level == "too_tight")
+    return not ((query.top_only or not include_too_tight) and not level.runnable)
 
 
 def sort_key(query: FitQuery):
@@ -593,7 +640,7 @@ def sort_key(query: FitQuery):
         "use_case": lambda row: row["category"],
     }
     column_key = keys[column]
-    return lambda row: (row["fit_level"] == "too_tight", column_key(row), -row["score"], row["name"].lower())
+    return lambda row: (row["fit_level"] == FitLevel.TOO_TIGHT, column_key(row), -row["score"], row["name"].lower())
 
 
 def _negated_date(date: str | None) -> tuple:

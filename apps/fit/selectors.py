@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from django.conf import settings
 
 from apps.fit import engine
+from apps.fit.engine import FitLevel
 from apps.fit.models import FitMeasurement
 from apps.models.models import RegisteredModel
 from apps.models.selectors import model_list_active
@@ -87,7 +88,7 @@ def fit_matrix(*, query: engine.FitQuery, node_names: list[str] | None = None) -
         cells = {node.name: fits[model.name] for node, fits in per_node}
         if not cells:
             continue
-        best = max(cells.values(), key=lambda row: (engine.FIT_RANK[row["fit_level"]], row["score"]))
+        best = max(cells.values(), key=lambda row: (FitLevel(row["fit_level"]).rank, row["score"]))
         if not engine.row_passes(best, query):
             continue
         rows.append({
@@ -109,7 +110,7 @@ def fit_matrix(*, query: engine.FitQuery, node_names: list[str] | None = None) -
             "returned_models": len(returned), "filters": query.filters_json(), "models": returned}
 
 
-def fit_levels(*, model: RegisteredModel, nodes: Iterable[Node]) -> dict[int, str | None]:
+def fit_levels(*, model: RegisteredModel, nodes: Iterable[Node]) -> dict[int, FitLevel | None]:
     """How well a registered model fits each node (perfect|good|marginal|too_tight), by node id.
 
     None where it cannot be told: an external model, a model without a file size, a node that
@@ -121,17 +122,17 @@ def fit_levels(*, model: RegisteredModel, nodes: Iterable[Node]) -> dict[int, st
         return {node.pk: None for node in nodes}
     measurements = {row.node_id: engine.Measurement(row.memory_bytes, row.tokens_per_second)
                     for row in FitMeasurement.objects.filter(model_id=model.id, node_id__in=[node.pk for node in nodes])}
-    levels: dict[int, str | None] = {}
+    levels: dict[int, FitLevel | None] = {}
     for node in nodes:
         if not (node.hardware or {}).get("ram_total_bytes"):
             levels[node.pk] = None
             continue
         fit = engine.model_fit(spec, node_machine(node=node), context_limit=fit_default_context(),
                                measurement=measurements.get(node.pk))
-        levels[node.pk] = fit["fit_level"]
+        levels[node.pk] = FitLevel(fit["fit_level"])
     return levels
 
 
-def fit_level(*, node: Node, model: RegisteredModel) -> str | None:
+def fit_level(*, node: Node, model: RegisteredModel) -> FitLevel | None:
     """How well a registered model fits one node (see ``fit_levels``)."""
     return fit_levels(model=model, nodes=[node])[node.pk]

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from apps.fit.selectors import fit_levels
+from apps.fit.selectors import FitLevel, fit_levels
 from apps.gateway.errors import OpenAIError, no_worker
 from apps.gateway.streams import FINAL_EVENTS, stream_reader
 from apps.models.models import ModelCopy, RegisteredModel
@@ -25,6 +25,7 @@ from apps.nodes.selectors import node_list_live, node_list_unhealthy
 from llmplatform.aioredis import redis_client
 from llmplatform.celery import app as celery_app
 from workers import protocol
+from workers.messages import InferenceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,6 @@ async def node_pick(model: RegisteredModel) -> Placement:
     return await node_choose(model, nodes)
 
 
-# Placement ranks nodes the model fits on by how well; too_tight ones only when nothing else can take it.
-_FIT_RANK = {"perfect": 0, "good": 1, "marginal": 2}
-TOO_TIGHT = "too_tight"
-
-
 async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
     """Of the live ``nodes``, the one to serve ``model``, with the reason for choosing it.
 
@@ -103,8 +99,9 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
         node = min(warm, key=lambda node: (busy[node.name], node.name))
         return _placed(model, node, f"model loaded, {busy[node.name]} in flight", skipped)
 
+    # Placement ranks nodes by how well the model fits (FitLevel.rank); too_tight ones only when nothing else can take it.
     fits = await sync_to_async(fit_levels)(model=model, nodes=open_nodes)
-    candidates = [node for node in open_nodes if fits[node.pk] != TOO_TIGHT or model.id in node.loaded_models]
+    candidates = [node for node in open_nodes if fits[node.pk] != FitLevel.TOO_TIGHT or model.id in node.loaded_models]
     skipped += [f"{node.name} too_tight" for node in open_nodes if node not in candidates]
     if not candidates:
         candidates = open_nodes
@@ -119,7 +116,7 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
     def rank(node: Node) -> tuple:
         level = fits[node.pk]
         return (model.id not in node.loaded_models, level is None, node.pk not in copies, busy[node.name],
-                _FIT_RANK.get(level, len(_FIT_RANK)), node.name)
+                -FitLevel(level).rank if level is not None else 0, node.name)
 
     node = min(candidates, key=rank)
     if model.id in node.loaded_models:
@@ -137,16 +134,16 @@ def _placed(model: RegisteredModel, node: Node, reason: str, skipped: list[str])
     return Placement(node, reason[:255])
 
 
-async def request_send(*, request_id: str, kind: str, model: RegisteredModel, params: dict, node: Node) -> str | None:
+async def request_send(*, message: InferenceRequest, node: Node) -> str | None:
     """Queue the request on the node; returns the node's worker incarnation at this moment, if one runs.
 
     The message expires with the queue timeout: once the gateway has given up waiting, no worker
     (a restarted one, or one that gets a message back from a dead one) runs it. Its task id is the
     request id, so the worker's log names the request.
     """
-    kwargs = {"request_id": request_id, "kind": kind, "model": model.worker_spec(), "params": params}
-    send = partial(celery_app.send_task, protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id, kwargs=kwargs,
-                   expires=settings.LLMP_QUEUE_TIMEOUT)
+    request_id = message.request_id
+    send = partial(celery_app.send_task, protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id,
+                   kwargs=message.to_wire(), expires=settings.LLMP_QUEUE_TIMEOUT)
     track = redis_client().pipeline(transaction=False)
     track.zadd(_inflight_key(node.name), {request_id: time.time()})
     track.zremrangebyscore(_inflight_key(node.name), "-inf", _inflight_horizon())

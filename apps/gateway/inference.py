@@ -51,8 +51,8 @@ class Generation:
         self.node, reason = await node_pick(self.model)
         self.record.open(model=self.model.id, node=self.node.name, placement=reason, stream=self.valid.stream,
                          request_body=self.valid.body)
-        incarnation = await request_send(request_id=self.request_id, kind=self.valid.kind, model=self.model,
-                                         params=self.valid.params, node=self.node)
+        incarnation = await request_send(message=self.valid.message(self.request_id, self.model.worker_spec()),
+                                         node=self.node)
         self.events = request_events(self.request_id, self.node.name, incarnation)
 
     async def next_output(self) -> tuple[str, dict]:

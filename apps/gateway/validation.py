@@ -13,6 +13,7 @@ from typing import Any
 from django.conf import settings
 
 from apps.gateway.errors import OpenAIError, invalid_value
+from workers.messages import SAMPLING_DEFAULTS, InferenceRequest, ModelRef
 from workers.protocol import KIND_CHAT, KIND_COMPLETION, KIND_EMBEDDING
 
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -28,6 +29,10 @@ class ValidRequest:
     stream: bool = False
     include_usage: bool = False
     body: dict[str, Any] = field(default_factory=dict)
+
+    def message(self, request_id: str, model: ModelRef) -> InferenceRequest:
+        """The request for a worker (``params`` hold what the body asked for, defaults filled in)."""
+        return InferenceRequest.from_params(request_id=request_id, kind=self.kind, model=model, params=self.params)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -95,10 +100,10 @@ def _sampling(body: dict) -> dict[str, Any]:
     max_tokens = _integer(body, "max_completion_tokens", minimum=1) or _integer(body, "max_tokens", minimum=1)
     return {
         "max_tokens": max_tokens or settings.LLMP_DEFAULT_MAX_TOKENS,
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "temperature": _number(body, "temperature", SAMPLING_DEFAULTS.temperature, 0.0, 2.0),
+        "top_p": _number(body, "top_p", SAMPLING_DEFAULTS.top_p, 0.0, 1.0),
+        "frequency_penalty": _number(body, "frequency_penalty", SAMPLING_DEFAULTS.frequency_penalty, -2.0, 2.0),
+        "presence_penalty": _number(body, "presence_penalty", SAMPLING_DEFAULTS.presence_penalty, -2.0, 2.0),
         "stop": _stop(body),
         "seed": _integer(body, "seed", minimum=-(2**63)),
     }

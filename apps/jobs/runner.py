@@ -1,7 +1,8 @@
 """The one runner of every job: claim (a conditional UPDATE) → run the kind's handler → finish.
 
-A handler is a function ``run(ctx: JobContext) -> RegisteredModel | None`` that reports stages,
-progress and log lines through ``ctx`` and calls ``ctx.check_cancel()`` often. It raises
+A handler is a function ``run(ctx: JobContext) -> RegisteredModel | None``, registered for its kind
+in ``apps.jobs.registry`` by the app that owns the kind, that reports stages, progress and log
+lines through ``ctx`` and calls ``ctx.check_cancel()`` often. It raises
 ``JobError`` for a failure a user can act on; anything else is a bug and fails the job too.
 """
 
@@ -18,18 +19,13 @@ from django.db import close_old_connections
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from django.utils.module_loading import import_string
 
 from apps.jobs import events
-from apps.jobs.models import Job, JobKind, JobStage, JobStatus
+from apps.jobs.models import Job, JobStage, JobStatus
+from apps.jobs.registry import job_handler_get
 
 logger = logging.getLogger(__name__)
 
-HANDLERS = {
-    JobKind.DOWNLOAD: "apps.models.jobs.download_run",
-    JobKind.CONVERT: "apps.models.jobs.convert_run",
-    JobKind.QUANTIZE: "apps.models.jobs.quantize_run",
-}
 LOG_LINES_KEPT = 200
 
 
@@ -184,7 +180,7 @@ def job_execute(*, job_id, node_name: str) -> None:
     keeper = _LeaseKeeper(job)
     keeper.start()
     try:
-        handler = import_string(HANDLERS[job.kind])
+        handler = job_handler_get(job.kind)
         result_model = handler(context)
     except JobCancelled:
         context.log("cancelled by its user")

@@ -8,3 +8,6 @@ class ModelsConfig(AppConfig):
     label = "llm_models"
     verbose_name = "LLM models"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from apps.models import jobs  # noqa: F401  (registers the download, convert and quantize handlers)

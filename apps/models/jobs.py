@@ -17,7 +17,8 @@ from pathlib import Path
 
 from django.conf import settings
 
-from apps.jobs.models import JobStage
+from apps.jobs.models import JobKind, JobStage
+from apps.jobs.registry import job_handler
 from apps.jobs.runner import JobCancelled, JobContext, JobError
 from apps.models.models import ModelSource, RegisteredModel
 from apps.models.services import (
@@ -103,6 +104,7 @@ def _cleans_up_on_cancel(handler):
     return run
 
 
+@job_handler(JobKind.DOWNLOAD)
 @_cleans_up_on_cancel
 def download_run(ctx: JobContext) -> RegisteredModel:
     from workers import hf
@@ -174,6 +176,7 @@ def _quantize(ctx: JobContext, source: Path, qtype: str, out: Path) -> Path:
                                 should_cancel=ctx.cancel_requested)
 
 
+@job_handler(JobKind.CONVERT)
 @_cleans_up_on_cancel
 def convert_run(ctx: JobContext) -> RegisteredModel:
     from workers import convert
@@ -198,6 +201,7 @@ def convert_run(ctx: JobContext) -> RegisteredModel:
     return model
 
 
+@job_handler(JobKind.QUANTIZE)
 @_cleans_up_on_cancel
 def quantize_run(ctx: JobContext) -> RegisteredModel:
     params = ctx.params

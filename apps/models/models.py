@@ -1,6 +1,8 @@
 from django.conf import settings
 from django.db import models
 
+from workers.messages import ModelRef
+
 
 class ModelSource(models.TextChoices):
     BUNDLED = "bundled", "Bundled with the platform"
@@ -55,10 +57,10 @@ class RegisteredModel(models.Model):
     def is_external(self) -> bool:
         return self.source == ModelSource.EXTERNAL
 
-    def worker_spec(self) -> dict:
-        """What a worker needs to find, fetch and load this model; plain JSON values only."""
-        return {"id": self.id, "source": self.source, "file_name": self.file_name,
-                "size_bytes": self.size_bytes, "sha256": self.sha256}
+    def worker_spec(self) -> ModelRef:
+        """What a worker needs to find, fetch and load this model (the runtime's typed reference)."""
+        return ModelRef(id=self.id, source=str(self.source), file_name=self.file_name,
+                        size_bytes=self.size_bytes, sha256=self.sha256)
 
 
 class ModelCopy(models.Model):

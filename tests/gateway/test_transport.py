@@ -101,3 +101,17 @@ def test_a_node_that_stops_heartbeating_fails_the_request_at_once(settings):
     with pytest.raises(OpenAIError) as caught:
         asyncio.run(_read_all(request_id, node))
     assert caught.value.status == 503 and caught.value.code == "worker_lost"
+
+
+def test_a_message_the_worker_cannot_read_ends_its_request_with_an_error_at_once(platform):
+    from llmplatform.celery import app as celery_app
+    from workers.protocol import TASK_INFERENCE_RUN
+
+    request_id = uuid.uuid4().hex
+    # A message from a gateway of another version: no "model" fields the worker knows.
+    celery_app.send_task(TASK_INFERENCE_RUN, queue=f"node.{platform.node}",
+                         kwargs={"request_id": request_id, "kind": "chat", "model": {}, "params": {}})
+    events = asyncio.run(asyncio.wait_for(_read_all(request_id, platform.node), timeout=15))
+    event, data = events[-1]
+    assert event == protocol.EVENT_ERROR and data["code"] == "internal_error"
+    assert "cannot read this request" in data["message"]

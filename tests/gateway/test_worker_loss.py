@@ -180,11 +180,11 @@ def test_a_request_left_in_a_queue_past_its_expiry_is_never_run_by_a_worker_star
     name = f"late-{uuid.uuid4().hex[:6]}"
     node = Node(name=name, queue=node_queue_name(name))  # no worker has ever served it
     model = model_register_bundled()
-    params = validation.completion_request({"model": model_id, "prompt": "Hello", "max_tokens": 8}).params
+    valid = validation.completion_request({"model": model_id, "prompt": "Hello", "max_tokens": 8})
     stale, fresh = uuid.uuid4().hex, uuid.uuid4().hex
 
     settings.LLMP_QUEUE_TIMEOUT = 1
-    asyncio.run(request_send(request_id=stale, kind=protocol.KIND_COMPLETION, model=model, params=params, node=node))
+    asyncio.run(request_send(message=valid.message(stale, model.worker_spec()), node=node))
     expired_at = time.time() + settings.LLMP_QUEUE_TIMEOUT
     devstack.wait_until(lambda: time.time() > expired_at + 0.5, timeout=10, what="the message's expiry")
 
@@ -192,8 +192,7 @@ def test_a_request_left_in_a_queue_past_its_expiry_is_never_run_by_a_worker_star
     worker = cluster.worker(name)
     try:
         async def serve_fresh() -> list[str]:
-            incarnation = await request_send(request_id=fresh, kind=protocol.KIND_COMPLETION, model=model,
-                                             params=params, node=node)
+            incarnation = await request_send(message=valid.message(fresh, model.worker_spec()), node=node)
             return [event async for event, _ in request_events(fresh, name, incarnation)]
 
         # The queue is first in, first out: once the fresh request is served, the stale one was seen.
