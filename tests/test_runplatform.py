@@ -122,8 +122,8 @@ def test_runplatform_restarts_a_worker_killed_by_sigsegv_while_the_gateway_keeps
 
         devstack.wait_until(served, timeout=60, interval=0.5, what="a request served by the restarted worker",
                             processes=(run,))
-        # Ctrl-C still stops everything, the restarted worker included, at once.
-        run.popen.send_signal(signal.SIGINT)
+        # Closing the terminal (SIGHUP) stops everything, the restarted worker included, at once.
+        run.popen.send_signal(signal.SIGHUP)
         assert run.popen.wait(timeout=20) == 0
         gone, alive = psutil.wait_procs([restarted], timeout=5)
         assert not alive and not _port_open(redis_port) and not _port_open(http_port)
@@ -159,5 +159,21 @@ def test_runplatform_stops_everything_when_the_server_dies(tmp_path):
         assert "the server stopped unexpectedly (SIGKILL" in run.log()
         assert not _port_open(redis_port)
         assert not psutil.pid_exists(worker.pid) or psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        run.stop()
+
+
+def test_a_killed_runplatform_takes_its_worker_server_and_redis_with_it(tmp_path):
+    setup = _setup(tmp_path, "orphan-node")
+    run = devstack.start("runplatform", ["manage.py", "runplatform"], env=setup.env, log_dir=tmp_path)
+    try:
+        devstack.wait_ready(setup.base_url, nodes={"orphan-node"}, timeout=90, processes=(run,))
+        children = psutil.Process(run.popen.pid).children()
+        assert len(children) == 3, children  # redis-server, the worker, uvicorn
+        run.popen.kill()
+        run.popen.wait(timeout=10)
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"left running after runplatform was killed: {[p.cmdline() for p in alive]}"
+        assert not _port_open(setup.redis_port) and not _port_open(setup.http_port)
     finally:
         run.stop()

@@ -8,6 +8,7 @@ everything.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -47,13 +48,25 @@ def exit_description(returncode: int) -> str:
     return f"{sig.name} ({text.lower()})" if text else sig.name
 
 
-# Signals the command waits for with sigwait, so it keeps them blocked. A child inherits the
-# blocked set, so each child unblocks them before it starts (otherwise SIGTERM would never reach it).
-WATCHED = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+# Signals the command waits for with sigwait, so it keeps them blocked. SIGHUP (the terminal
+# closed) stops everything like Ctrl-C: the worker runs in a session of its own and would not get it.
+WATCHED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
+_PR_SET_PDEATHSIG = 1
 
 
 def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(args, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED), **kwargs)
+    """Start a child that gets SIGTERM if this command dies, however it dies (Linux).
+
+    A child inherits the blocked signal set, so it unblocks the watched signals before it starts
+    (otherwise SIGTERM would never reach it).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls into it
+
+    def prepare() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return subprocess.Popen(args, preexec_fn=prepare, **kwargs)
 
 
 def _redis_answers(url: str) -> bool:
@@ -109,7 +122,10 @@ class WorkerSupervisor:
                      f"{DEATHS_WINDOW_SECONDS / 60:g} minutes)")
             self.restart_at = now + delay
         if self.restart_at is not None and now >= self.restart_at:
-            self.start()
+            try:
+                self.start()
+            except OSError as exc:
+                raise CommandError(f"could not restart the worker: {exc}") from exc
             self.log(f"worker restarted (pid {self.process.pid})")
 
     def seconds_to_restart(self) -> float | None:
@@ -147,44 +163,49 @@ class Command(BaseCommand):
                                   log=lambda line: self.stderr.write(f"runplatform: {line}"))
         # Block the watched signals before the first child starts, so that no SIGCHLD is missed.
         signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
-        worker.start()
-        essential.append(_spawn([python, "-m", "uvicorn", "llmplatform.asgi:application", "--host", host,
-                                           "--port", str(port), "--no-access-log"]))
-        base = f"http://{host}:{port}"
-        self.stdout.write(self.style.SUCCESS(f"\nllmplatform is starting on {base}"))
-        self.stdout.write(f"  OpenAI endpoint: {base}/v1   (model: {settings.LLMP_DEFAULT_MODEL_ID})")
-        self.stdout.write(f"  Admin:           {base}/admin/   (create a login: .venv/bin/python manage.py createsuperuser)")
-        self.stdout.write(f"  Management API:  {base}/api/v1/   docs: {base}/api/docs/")
-        self.stdout.write("  Create a key:    .venv/bin/python manage.py create_api_key --name me")
-        self.stdout.write("Press Ctrl-C to stop everything.\n")
-        # Sleep until Ctrl-C, a TERM, a child exiting (SIGCHLD) or a worker restart falling due.
         failure: str | None = None
         try:
+            worker.start()
+            server = _spawn([python, "-m", "uvicorn", "llmplatform.asgi:application", "--host", host,
+                             "--port", str(port), "--no-access-log"])
+            essential.append(server)
+            self._banner(f"http://{host}:{port}")
+            # Sleep until Ctrl-C, a TERM or HUP, a child exiting (SIGCHLD) or a worker restart falling due.
             while True:
                 dead = next((child for child in essential if child.poll() is not None), None)
                 if dead is not None:
-                    name = "the server" if dead is essential[-1] else "redis-server"
+                    name = "the server" if dead is server else "redis-server"
                     failure = f"{name} stopped unexpectedly ({exit_description(dead.returncode)}); see its output above"
                     break
                 worker.check()
                 wait = worker.seconds_to_restart()
                 received = signal.sigtimedwait(WATCHED, wait) if wait is not None else signal.sigwait(WATCHED)
-                if received in (signal.SIGINT, signal.SIGTERM):
+                if received in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     break
         except CommandError as exc:
             failure = str(exc)
         finally:
-            self._stop_all(worker, essential)
+            self._stop_all(worker, essential, last=redis_process)
             # A second Ctrl-C pressed while the children stopped is not an error.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
         if failure:
             raise CommandError(failure)
 
-    def _stop_all(self, worker: WorkerSupervisor, essential: list[subprocess.Popen]) -> None:
-        server = essential[-1]
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+    def _banner(self, base: str) -> None:
+        self.stdout.write(self.style.SUCCESS(f"\nllmplatform is starting on {base}"))
+        self.stdout.write(f"  OpenAI endpoint: {base}/v1   (model: {settings.LLMP_DEFAULT_MODEL_ID})")
+        self.stdout.write(f"  Admin:           {base}/admin/   (create a login: .venv/bin/python manage.py createsuperuser)")
+        self.stdout.write(f"  Management API:  {base}/api/v1/   docs: {base}/api/docs/")
+        self.stdout.write("  Create a key:    .venv/bin/python manage.py create_api_key --name me")
+        self.stdout.write("Press Ctrl-C to stop everything.\n")
+
+    def _stop_all(self, worker: WorkerSupervisor, essential: list[subprocess.Popen],
+                  last: subprocess.Popen | None) -> None:
+        """Stop the server and the worker, then ``last`` (the Redis this command started)."""
+        for child in essential:
+            if child is not last and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
         worker.stop()
         for child in reversed(essential):
             if child.poll() is None:
@@ -208,8 +229,8 @@ class Command(BaseCommand):
                                "sudo apt-get install -y redis-server")
         port = parsed.port or 6379
         self.stdout.write(f"Starting redis-server on port {port} (it keeps nothing on disk)…")
-        process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        process = _spawn([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], stdout=subprocess.DEVNULL)
         for _ in range(50):
             if _redis_answers(url):
                 return process
