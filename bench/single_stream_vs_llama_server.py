@@ -27,16 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PROMPTS, machine, measure, platform_prepare, summary  # noqa: E402
+from bench.common import PROMPTS, machine, measure, percentile, platform_prepare, summary  # noqa: E402
 
 
-def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, log_dir: Path):
+def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, log_dir: Path, slots: int = 1):
     from llmplatform import devstack
 
     port = devstack.free_port()
-    log = open(log_dir / f"llama-server-t{threads}.log", "wb")
+    log = open(log_dir / f"llama-server-t{threads}-np{slots}.log", "wb")
     process = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx), "-np", "1",
+                                "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * slots), "-np", str(slots),
                                 "--no-webui"], stdout=log, stderr=subprocess.STDOUT)
     import httpx
 
@@ -52,6 +52,25 @@ def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, l
         time.sleep(0.2)
     process.kill()
     raise TimeoutError("llama-server did not become healthy")
+
+
+STREAMS = 8
+
+
+def concurrent_streams(run, streams: int, rounds: int = 2) -> dict:
+    """``streams`` requests at once, ``rounds`` times: aggregate completion tokens/s and TTFT."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples, wall = [], 0.0
+    with ThreadPoolExecutor(streams) as pool:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            samples += list(pool.map(run, [PROMPTS[i % len(PROMPTS)] for i in range(streams)]))
+            wall += time.perf_counter() - started
+    ttfts = [sample["ttft_ms"] for sample in samples]
+    return {"streams": streams, "requests": len(samples),
+            "aggregate_tokens_per_s": sum(sample["tokens"] for sample in samples) / wall,
+            "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p95_ms": percentile(ttfts, 0.95)}
 
 
 def main() -> None:
@@ -114,8 +133,19 @@ def main() -> None:
                     order.reverse()
                 for name, run in order:
                     samples[name].append({"prompt": index, **run(prompt)})
+        concurrent = {"platform": concurrent_streams(runs["platform"], STREAMS)}
     finally:
         stack.stop()
+        peer.terminate()
+        peer.wait()
+    # 2b. STREAMS at once: llama-server with as many slots (its continuous batching), the platform as is.
+    peer, peer_url = llama_server_start(bin_dir / "llama-server", model_file, threads=best_threads,
+                                        n_ctx=settings.LLMP_N_CTX, log_dir=log_dir, slots=STREAMS)
+    try:
+        peer_run = streamer(openai.OpenAI(base_url=peer_url, api_key="none", max_retries=0), model)
+        peer_run("warm up")
+        concurrent["llama_server"] = concurrent_streams(peer_run, STREAMS)
+    finally:
         peer.terminate()
         peer.wait()
 
@@ -141,7 +171,12 @@ def main() -> None:
         "platform": {"threads": inference_threads(settings.LLMP_N_THREADS), **ours},
         "in_process_llama_cpp_python_default_threads": {
             "threads": old_default_threads, **results["in_process_llama_cpp_python_default_threads"]},
-        "ratios": {"tokens_per_s": ours["tokens_per_s"] / peer_summary["tokens_per_s"],
+        "concurrent": concurrent,
+        "ratios": {f"aggregate_tokens_per_s_{STREAMS}_streams": concurrent["platform"]["aggregate_tokens_per_s"]
+                   / concurrent["llama_server"]["aggregate_tokens_per_s"],
+                   f"ttft_p50_{STREAMS}_streams": concurrent["platform"]["ttft_p50_ms"]
+                   / concurrent["llama_server"]["ttft_p50_ms"],
+                   "tokens_per_s": ours["tokens_per_s"] / peer_summary["tokens_per_s"],
                    "ttft_p50": ours["ttft_p50_ms"] / peer_summary["ttft_p50_ms"]},
         "samples": samples,
     }
