@@ -3,6 +3,7 @@
 from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
+from apps.gateway.api.local import GenerateView
 from apps.gateway.api.views import ApiKeyViewSet, RequestLogViewSet
 from apps.jobs.api.views import JobViewSet, job_events
 from apps.models.api import lifecycle, local
@@ -24,7 +25,7 @@ model_urlpatterns = [
     path("models", local.ModelsView.as_view(), name="local-models"),
     path("models/sync", local.ModelsSyncView.as_view(), name="local-models-sync"),
     path("models/<str:name>", local.ModelDeleteView.as_view(), name="local-model-delete"),
-    path("generate", local.GenerateView.as_view(), name="local-generate"),
+    path("generate", GenerateView.as_view(), name="local-generate"),
     path("cache/clear", local.CacheClearView.as_view(), name="local-cache-clear"),
     path("cache/status", local.CacheStatusView.as_view(), name="local-cache-status"),
     path("hf/search", lifecycle.HubSearchView.as_view(), name="hf-search"),

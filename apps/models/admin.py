@@ -1,15 +1,16 @@
 from django import forms
 from django.contrib import admin
 
-from apps.models.external import (
+from apps.models.models import ExternalEndpoint, RegisteredModel
+from apps.models.secrets import secret_hint
+from apps.models.services import (
+    ModelError,
     external_base_url_clean,
     model_delete_external,
+    model_id_check,
     model_register_external,
     model_update_external,
 )
-from apps.models.models import ExternalEndpoint, RegisteredModel
-from apps.models.secrets import secret_hint
-from apps.models.services import ModelError, model_id_check
 
 
 @admin.register(RegisteredModel)

@@ -6,6 +6,11 @@ from apps.models.models import ModelCopy, ModelSource, RegisteredModel
 from apps.models.services import GGUF_SUFFIX, ModelError, model_id_for_file
 
 
+def model_list() -> QuerySet[RegisteredModel]:
+    """Every registered model, active or not."""
+    return RegisteredModel.objects.all()
+
+
 def model_list_active() -> QuerySet[RegisteredModel]:
     return RegisteredModel.objects.filter(is_active=True)
 

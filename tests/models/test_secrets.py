@@ -20,9 +20,9 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from apps.models.external import external_keys_reencrypt, model_register_external
 from apps.models.models import ExternalEndpoint
 from apps.models.secrets import secret_decrypt, secret_encrypt, secret_legacy_sources
+from apps.models.services import external_keys_reencrypt, model_register_external
 from llmplatform.secret_key import PUBLISHED_SECRET_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -90,7 +90,7 @@ def test_a_key_already_under_the_current_key_is_not_rewritten(secrets_from_secre
 def test_a_key_under_no_known_secret_is_left_as_it_is_and_logged(secrets_from_secret_key, caplog):
     token = stored_under(Fernet(Fernet.generate_key()), "sk-lost-0123456789")
     name = an_external_model_storing(token)
-    with caplog.at_level(logging.WARNING, logger="apps.models.external"):
+    with caplog.at_level(logging.WARNING, logger="apps.models.services.external"):
         done = external_keys_reencrypt(previous_sources=secret_legacy_sources(),
                                        endpoints=ExternalEndpoint.objects.filter(pk=name))
     assert done.unreadable == [name] and done.reencrypted == []
@@ -111,7 +111,7 @@ def test_with_llmp_secrets_key_set_a_key_under_an_old_default_is_not_taken_over(
 UPGRADE = """
 import os
 from django.core.management import call_command
-from apps.models.external import model_register_external
+from apps.models.services import model_register_external
 from apps.models.models import ExternalEndpoint
 from apps.models.secrets import secret_decrypt
 

@@ -11,9 +11,9 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from apps.jobs import events
-from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
 from apps.jobs.selectors import job_list_visible, job_visible
+from apps.jobs.serializers import JobSerializer
 from apps.jobs.services import job_cancel, job_retry
 from llmplatform.aioredis import redis_client
 from llmplatform.authentication import request_user

@@ -9,11 +9,10 @@ from __future__ import annotations
 from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.response import Response
 
-from apps.models.external import model_delete_external, model_register_external, model_update_external
 from apps.models.models import RegisteredModel
 from apps.models.secrets import secret_hint
 from apps.models.selectors import model_list_external
-from apps.models.services import ModelError
+from apps.models.services import ModelError, model_delete_external, model_register_external, model_update_external
 
 
 class ExternalModelSerializer(serializers.Serializer):

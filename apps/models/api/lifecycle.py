@@ -6,17 +6,25 @@ from __future__ import annotations
 import re
 
 from asgiref.sync import async_to_sync
-from django.core import signing
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from apps.jobs.api.serializers import JobSerializer
-from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_download_start, model_quantize_start
+from apps.jobs.serializers import JobSerializer
 from apps.models.selectors import hub_file_list, hub_model_search, model_copy_list, model_get_file_backed
-from apps.models.services import BLOB_SALT, BLOB_TOKEN_MAX_AGE, GGUF_SUFFIX, model_copy_delete, model_path
+from apps.models.services import (
+    CONVERT_OUTTYPES,
+    GGUF_SUFFIX,
+    ModelError,
+    blob_token_check,
+    model_convert_start,
+    model_copy_delete,
+    model_download_start,
+    model_path,
+    model_quantize_start,
+)
 from apps.nodes.selectors import node_get
 from apps.nodes.services import node_models_unload
 from llmplatform.authentication import request_user
@@ -153,11 +161,9 @@ def model_blob(request: HttpRequest, model_id: str) -> HttpResponse:
     token = request.GET.get("token", "")
     if token:
         try:
-            claims = signing.loads(token, salt=BLOB_SALT, max_age=BLOB_TOKEN_MAX_AGE)
-        except signing.BadSignature:
-            return JsonResponse({"error": "Invalid or expired blob token"}, status=403)
-        if claims.get("model") != model_id:
-            return JsonResponse({"error": "The token is for another model"}, status=403)
+            blob_token_check(token=token, model_id=model_id)
+        except ModelError as exc:
+            return JsonResponse(exc.body(), status=exc.status)
     elif async_to_sync(request_user)(request) is None:
         return JsonResponse({"error": "Authentication credentials were not provided."}, status=401)
     model = model_get_file_backed(model_id=model_id)

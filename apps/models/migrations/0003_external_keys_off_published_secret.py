@@ -8,7 +8,7 @@ from django.db import migrations
 
 
 def reencrypt_off_published_secrets(apps, schema_editor):
-    from apps.models.external import external_keys_reencrypt
+    from apps.models.services import external_keys_reencrypt
     from apps.models.secrets import secret_legacy_sources
 
     sources = secret_legacy_sources()

@@ -11,9 +11,14 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from apps.jobs.models import Job
-from apps.models.lifecycle import CONVERT_OUTTYPES, model_convert_start, model_download_start, model_quantize_start
 from apps.models.models import RegisteredModel
-from apps.models.services import ModelError
+from apps.models.services import (
+    CONVERT_OUTTYPES,
+    ModelError,
+    model_convert_start,
+    model_download_start,
+    model_quantize_start,
+)
 
 FOLLOW_BLOCK_SECONDS = 1.0
 

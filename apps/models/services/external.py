@@ -19,7 +19,7 @@ from django.db.models import QuerySet
 
 from apps.models.models import ExternalEndpoint, ModelSource, RegisteredModel
 from apps.models.secrets import SecretUnreadable, secret_encrypt, secret_reencrypt
-from apps.models.services import ModelConflict, ModelError, model_id_check
+from apps.models.services.registry import ModelConflict, ModelError, model_id_check
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from django.db.models import Count, Q
 from apps.jobs.models import Job, JobKind, JobStatus
 from apps.jobs.services import job_create
 from apps.models.models import RegisteredModel
-from apps.models.services import ModelError, model_file_name_clean, model_id_check, model_id_for_file
+from apps.models.services.registry import ModelError, model_file_name_clean, model_id_check, model_id_for_file
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_list_live
 from workers.convert import SUPPORTED_OUTTYPES as CONVERT_OUTTYPES

@@ -1,3 +1,6 @@
+"""Writes of the model registry: GGUF files registered (uploaded, found in the store, bundled) and
+deleted, the copies nodes hold, and the tokens nodes fetch model files with."""
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +24,7 @@ from workers.files import sha256_file
 from workers.protocol import TASK_MODEL_COPY_DELETE
 
 if TYPE_CHECKING:
-    from apps.models.uploads import ReceivedFile
+    from apps.models.services.uploads import ReceivedFile
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +123,12 @@ def model_path(model: RegisteredModel) -> Path:
 
 
 def model_delete(*, model: RegisteredModel) -> None:
-    """Unregister a model and delete its file from the server's models directory (never a bundled file)."""
-    path = None if model.source in (ModelSource.BUNDLED, ModelSource.EXTERNAL) else model_path(model)
+    """Have every live node unload a model, unregister it and delete its file from the server's models
+    directory; ModelError for the bundled model, which stays."""
+    if model.source == ModelSource.BUNDLED:
+        raise ModelError("The bundled model cannot be deleted")
+    model_unload_everywhere(model_ids=[model.id])
+    path = None if model.source == ModelSource.EXTERNAL else model_path(model)
     model.delete()
     if path is not None:
         try:
@@ -234,3 +241,13 @@ BLOB_TOKEN_MAX_AGE = 24 * 3600
 def blob_token(model_id: str) -> str:
     """A token that lets a node fetch one model's file; signed with SECRET_KEY, valid for a day."""
     return signing.dumps({"model": model_id}, salt=BLOB_SALT)
+
+
+def blob_token_check(*, token: str, model_id: str) -> None:
+    """Return only when ``token`` is a ``blob_token(model_id)`` under a day old; else ModelError 403."""
+    try:
+        claims = signing.loads(token, salt=BLOB_SALT, max_age=BLOB_TOKEN_MAX_AGE)
+    except signing.BadSignature:
+        raise ModelError("Invalid or expired blob token", status=403) from None
+    if claims.get("model") != model_id:
+        raise ModelError("The token is for another model", status=403)

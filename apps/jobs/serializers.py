@@ -3,6 +3,9 @@ from rest_framework import serializers
 from apps.jobs.models import Job
 
 
+# A job as every API shows it: /api/v1/jobs/ and the model endpoints that start one (download, convert,
+# quantize). It lives beside the app's selectors, not in its api/, because other apps' APIs return jobs too
+# (and one app never imports another's api/: see pyproject.toml).
 class JobSerializer(serializers.ModelSerializer):
     node = serializers.SlugRelatedField(slug_field="name", read_only=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.uploadhandler import FileUploadHandler, SkipFile
 
-from apps.models.services import ModelError, model_file_name_clean
+from apps.models.services.registry import ModelError, model_file_name_clean
 
 FILE_FIELD = "file"
 MAGIC_BYTES = 8  # "GGUF" + version
