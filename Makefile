@@ -48,8 +48,7 @@ test-postgres: $(STAMP)
 	else echo "Skipping the PostgreSQL pass: nothing answers at $(PG_TEST_URL) (set PG_TEST_URL)."; fi
 
 bench: $(STAMP)
-	$(PY) bench/single_stream_vs_llama_server.py
-	$(PY) bench/gateway_vs_inprocess.py
+	$(PY) bench/serving_vs_llama_server.py
 
 clean:
 	rm -rf $(VENV)

@@ -61,7 +61,9 @@ def measure(open_stream) -> dict:
     """
     started = time.perf_counter()
     stamps: list[float] = []
+    response_id = None
     for chunk in open_stream():
+        response_id = response_id or (chunk.get("id") if isinstance(chunk, dict) else chunk.id)
         choices = chunk["choices"] if isinstance(chunk, dict) else chunk.choices
         if not choices:
             continue
@@ -72,7 +74,8 @@ def measure(open_stream) -> dict:
     decode = stamps[-1] - stamps[0]
     return {"ttft_ms": ttft * 1000, "tokens": len(stamps),
             "tokens_per_s": (len(stamps) - 1) / decode if decode > 0 else 0.0,
-            "total_s": stamps[-1] - started}
+            "total_s": stamps[-1] - started, "id": response_id,
+            "itl_ms": [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]}
 
 
 def summary(samples: list[dict]) -> dict:
@@ -91,3 +94,28 @@ def machine() -> dict:
             "python": host_platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip()}
+
+
+def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, log_dir: Path, slots: int = 1):
+    """Start llama.cpp's own server (``slots`` parallel sequences of ``n_ctx`` each); returns it and its /v1 URL."""
+    import httpx
+
+    from llmplatform import devstack
+
+    port = devstack.free_port()
+    log = open(log_dir / f"llama-server-t{threads}-np{slots}.log", "wb")
+    process = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * slots), "-np", str(slots),
+                                "--no-webui"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama-server exited ({process.returncode}); see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process, f"http://127.0.0.1:{port}/v1"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("llama-server did not become healthy")

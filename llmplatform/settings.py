@@ -220,7 +220,10 @@ LLMP_UPLOAD_MAX_BYTES = env_int("LLMP_UPLOAD_MAX_BYTES", 10737418240, minimum=10
 # Worker model pool (read by workers/, passed in as plain values).
 LLMP_POOL_MAX_MODELS = env_int("LLMP_POOL_MAX_MODELS", 2, minimum=1)
 LLMP_POOL_MEMORY_BUDGET_MB = env_int("LLMP_POOL_MEMORY_BUDGET_MB", 0, minimum=0)  # 0: 60% of RAM
-LLMP_POOL_SLOTS_PER_MODEL = env_int("LLMP_POOL_SLOTS_PER_MODEL", 2, minimum=1)
+# Sequences one model's runner decodes together (its batch), each with LLMP_N_CTX positions.
+LLMP_POOL_SLOTS_PER_MODEL = env_int("LLMP_POOL_SLOTS_PER_MODEL", 8, minimum=1)
+# How long a stopping worker lets the streams its runners serve run to their end.
+LLMP_SHUTDOWN_DRAIN_SECONDS = env_float("LLMP_SHUTDOWN_DRAIN_SECONDS", 60.0, minimum=0.0)
 LLMP_N_CTX = env_int("LLMP_N_CTX", 4096, minimum=256)
 LLMP_N_GPU_LAYERS = env_int("LLMP_N_GPU_LAYERS", -1)
 LLMP_N_THREADS = env_int("LLMP_N_THREADS", 0, minimum=0)  # 0: every CPU the worker may use

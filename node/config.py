@@ -15,9 +15,11 @@ import psutil
 import redis
 from django.conf import settings
 
+from workers import calibration
+from workers.engine.memory import runner_memory_estimate
+from workers.engine.supervisor import RunnerPool
 from workers.liveness import WorkerLiveness
-from workers.pool import ModelPool
-from workers.runner import NodeConfig, load_llama
+from workers.runner import NodeConfig, runner_config
 
 
 def node_name() -> str:
@@ -77,6 +79,7 @@ def node_config() -> NodeConfig:
         n_ctx=settings.LLMP_N_CTX,
         n_gpu_layers=settings.LLMP_N_GPU_LAYERS,
         n_threads=settings.LLMP_N_THREADS,
+        n_slots=settings.LLMP_POOL_SLOTS_PER_MODEL,
     )
 
 
@@ -92,25 +95,36 @@ def node_liveness() -> WorkerLiveness:
 
 
 @cache
-def node_pool() -> ModelPool:
+def node_pool() -> RunnerPool:
+    """This worker's runner processes, one per loaded model."""
     budget_mb = settings.LLMP_POOL_MEMORY_BUDGET_MB or int(psutil.virtual_memory().total * 0.6) >> 20
     config = node_config()
+    lock_path = str(settings.DATA_DIR / f"node-{config.name}.decode.lock")
 
-    def unload(instance) -> None:
-        instance.close()
+    def make(model_id: str, path: str):
+        return runner_config(config, model_id=model_id, path=path, redis_url=settings.REDIS_URL,
+                             incarnation=node_liveness().incarnation, lock_path=lock_path)
 
-    return ModelPool(
-        loader=lambda key: load_llama(key, config),
-        size_of=lambda key: os.path.getsize(key.path),
-        unloader=unload,
-        max_models=settings.LLMP_POOL_MAX_MODELS,
-        memory_budget_bytes=budget_mb << 20,
-        slots_per_model=settings.LLMP_POOL_SLOTS_PER_MODEL,
-    )
+    def size_of(runner) -> int:
+        return runner_memory_estimate(runner.path, n_slots=runner.n_slots, n_ctx=runner.n_ctx,
+                                      n_batch=runner.n_batch)["total_bytes"]
+
+    def ready(handle) -> None:  # fit calibration: the bytes llama.cpp holds for the weights
+        if handle.memory and handle.memory.get("weights_bytes"):
+            calibration.weights_measured(handle.model_id, int(handle.memory["weights_bytes"]))
+
+    def ended(handle, message: dict) -> None:  # fit calibration: decoding speed
+        tokens, decode_ms = message.get("completion_tokens") or 0, message.get("decode_ms") or 0
+        if tokens >= 8 and decode_ms > 0:
+            calibration.speed_measured(handle.model_id, (tokens - 1) / (decode_ms / 1000))
+
+    return RunnerPool(runner_config=make, size_of=size_of, redis=node_redis(), redis_prefix=config.redis_prefix,
+                      max_models=settings.LLMP_POOL_MAX_MODELS, memory_budget_bytes=budget_mb << 20,
+                      on_ready=ready, on_ended=ended)
 
 
 def loaded_model_ids() -> list[str]:
-    return sorted({key.model_id for key in node_pool().loaded()})
+    return node_pool().loaded()
 
 
 __all__ = ["node_config", "node_liveness", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]

@@ -91,7 +91,8 @@ class NodeLifecycle(bootsteps.StartStopStep):
                 close_old_connections()
                 loaded = loaded_model_ids()
                 sample = metrics_sample(requests_in_flight=node_pool().in_flight(), gpu_index=gpu_index())
-                node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample)
+                node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample,
+                                      runners={"runners": node_pool().runners(), "exits": node_pool().exits})
                 for measured in calibration.drain():
                     measurement_record(node_name=node_name(), **measured)
             except Exception:
@@ -99,8 +100,13 @@ class NodeLifecycle(bootsteps.StartStopStep):
 
     def stop(self, worker) -> None:
         from apps.nodes.services import node_mark_offline
-        from node.config import node_name
+        from node.config import node_name, node_pool
 
+        # A warm shutdown: streams the runners are serving finish (the consumer has stopped taking
+        # new ones), then the runners stop.
+        if not node_pool().drain(timeout=settings.LLMP_SHUTDOWN_DRAIN_SECONDS):
+            logger.warning("stopping with %d request(s) still running", node_pool().in_flight())
+        node_pool().close()
         self._stop.set()
         try:
             close_old_connections()

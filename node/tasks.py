@@ -2,15 +2,16 @@
 
 from celery import shared_task
 
-from node.config import node_config, node_liveness, node_pool, node_redis
+from node.config import node_config, node_pool, node_redis
 from workers.messages import InferenceRequest
 from workers.protocol import TASK_INFERENCE_RUN, TASK_JOB_REAP, TASK_JOB_RUN, TASK_MODEL_COPY_DELETE, TASK_MODELS_UNLOAD
-from workers.runner import request_refuse, request_run
+from workers.runner import request_refuse, request_submit
 
 
-# Not acks_late: a generation that was half streamed must not be replayed after a crash; the
-# gateway sees the worker's liveness key expire and fails the request instead. The gateway sends
-# it with an expiry (its queue timeout), so a message a dead worker had reserved never runs later.
+# Hands the request to its model's runner and returns: the runner streams it. Not acks_late: a
+# generation that was half streamed must not be replayed after a crash; the gateway sees the
+# worker's liveness key expire and fails the request instead. The gateway sends it with an expiry
+# (its queue timeout), so a message a dead worker had reserved never runs later.
 @shared_task(name=TASK_INFERENCE_RUN, ignore_result=True)
 def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None:
     """The kwargs are ``InferenceRequest.to_wire()``'s."""
@@ -20,8 +21,7 @@ def inference_run(request_id: str, kind: str, model: dict, params: dict) -> None
         request_refuse(request_id=request_id, reason=f"the worker cannot read this request ({exc!r})",
                        config=node_config(), redis=node_redis())
         return
-    request_run(request, config=node_config(), redis=node_redis(), pool=node_pool(),
-                incarnation=node_liveness().incarnation)
+    request_submit(request, config=node_config(), redis=node_redis(), pool=node_pool())
 
 
 # acks_late + reject_on_worker_lost: a job whose worker dies goes back to the queue. The Job row

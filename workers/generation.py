@@ -1,19 +1,8 @@
-"""The token loop: sampling, incremental UTF-8 decoding, stop sequences, finish reasons.
-
-It owns the loop (rather than calling llama-cpp-python's ``create_completion``) so that usage
-counts are exact for streamed and non-streamed requests alike, and so that a cancelled
-request stops between two tokens.
-"""
+"""What one generated sequence turns into: text pieces, stop sequences, finish reasons, errors."""
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import llama_cpp
-
-from workers.messages import SamplingParams  # defined with the request it comes in
 
 
 class InferenceError(Exception):
@@ -29,14 +18,6 @@ class InferenceError(Exception):
                 "type": self.type}
 
 
-@dataclass
-class GenerationResult:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-    text_parts: list[str] = field(default_factory=list)
-
-
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of ``text`` that could still grow into a stop sequence."""
     longest = 0
@@ -48,62 +29,36 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-def generate(llm: llama_cpp.Llama, prompt_tokens: list[int], params: SamplingParams,
-             emit: Callable[[str], None]) -> GenerationResult:
-    """Generate from ``prompt_tokens``, handing each new piece of text to ``emit`` in order.
+class TextStream:
+    """Token bytes in, completion text out: incremental UTF-8 and stop sequences.
 
-    Guarantees: the concatenation of emitted pieces is the completion text, with any stop
-    sequence and everything after it removed; ``emit`` is never called with an empty string.
-    An exception raised by ``emit`` (a cancellation) ends generation at once.
+    Guarantees: the concatenation of what ``push`` and ``finish`` return is the completion text,
+    with a stop sequence and everything after it removed; text that could still become a stop
+    sequence is held back until it cannot.
     """
-    n_ctx = llm.n_ctx()
-    result = GenerationResult(prompt_tokens=len(prompt_tokens))
-    if len(prompt_tokens) >= n_ctx:
-        raise InferenceError(
-            f"This model's maximum context length is {n_ctx} tokens, but the prompt has {len(prompt_tokens)} tokens.",
-            code="context_length_exceeded", param="messages",
-        )
-    # Without a seed every request draws a fresh one rather than replaying the last request's.
-    llm.set_seed(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-    stops = tuple(s for s in params.stop if s)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    finish_reason = "length"
-    stopped_by_sequence = False
 
-    def send(text: str) -> None:
-        if text:
-            result.text_parts.append(text)
-            emit(text)
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self.stopped = False  # a stop sequence was generated
 
-    for token in llm.generate(
-        prompt_tokens,
-        temp=params.temperature,
-        top_p=params.top_p,
-        top_k=0 if params.temperature > 0 else 40,
-        min_p=0.0,
-        repeat_penalty=1.0,
-        frequency_penalty=params.frequency_penalty,
-        presence_penalty=params.presence_penalty,
-        reset=True,
-    ):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-            finish_reason = "stop"
-            break
-        result.completion_tokens += 1
-        pending += decoder.decode(llm.detokenize([token], special=False))
-        hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+    def push(self, piece: bytes) -> str:
+        """Add one token's bytes; returns the text that is now final (maybe empty)."""
+        self._pending += self._decoder.decode(piece)
+        hit = min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if hit >= 0:
-            send(pending[:hit])
-            finish_reason, stopped_by_sequence = "stop", True
-            break
-        keep = _held_back(pending, stops)
-        send(pending[: len(pending) - keep])
-        pending = pending[len(pending) - keep:]
-        if result.completion_tokens >= params.max_tokens or len(prompt_tokens) + result.completion_tokens >= n_ctx:
-            finish_reason = "length"
-            break
-    if not stopped_by_sequence:  # text held back for a stop sequence that never completed
-        send(pending + decoder.decode(b"", final=True))
-    result.finish_reason = finish_reason
-    return result
+            self.stopped = True
+            text, self._pending = self._pending[:hit], ""
+            return text
+        keep = _held_back(self._pending, self.stops)
+        text = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep:]
+        return text
+
+    def finish(self) -> str:
+        """The text held back for a stop sequence that never completed."""
+        if self.stopped:
+            return ""
+        text, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
+        return text

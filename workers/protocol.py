@@ -12,6 +12,7 @@ Entries carry two fields: ``t`` (the event type) and ``d`` (JSON).
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 from typing import Any
@@ -175,3 +176,101 @@ class RequestStream:
             except BaseException as exc:  # surfaced to the token loop on its next call
                 self._failure = exc
                 return
+
+
+class StreamHub:
+    """One writer for every request stream of a runner process.
+
+    The decode loop only queues events (it never waits on Redis). A writer thread appends
+    everything queued since its last round in one pipelined round trip, refreshes the streams'
+    expiry and, in the same round trip, reads the cancel flag of every open request; it goes
+    round at least every ``poll_seconds`` while requests are open, so a cancel is seen promptly
+    even while no token is produced (a long prompt being read).
+    """
+
+    def __init__(self, redis, prefix: str, *, poll_seconds: float = 0.1) -> None:
+        self._redis, self._prefix, self._poll = redis, prefix, poll_seconds
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._open: dict[str, HubStream] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="stream-hub", daemon=True)
+        self._thread.start()
+
+    def open(self, request_id: str) -> HubStream:
+        stream = HubStream(self, request_id)
+        with self._lock:
+            self._open[request_id] = stream
+        return stream
+
+    def _put(self, stream: HubStream, fields: dict[str, str], final: bool) -> None:
+        self._queue.put((stream, fields, final))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything queued before this call is written."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                items = [self._queue.get(timeout=self._poll)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            with self._lock:
+                watching = list(self._open.values())
+            if not items and not watching:
+                continue
+            waiters = [item for item in items if isinstance(item, threading.Event)]
+            events = [item for item in items if not isinstance(item, threading.Event)]
+            try:
+                self._write(events, watching)
+            except Exception:  # Redis went away: keep going; the gateway sees the request stall and gives up
+                logging.getLogger(__name__).exception("could not write request events")
+            for stream, _, final in events:
+                if final:
+                    with self._lock:
+                        self._open.pop(stream.request_id, None)
+            for waiter in waiters:
+                waiter.set()
+
+    def _write(self, events: list, watching: list[HubStream]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        touched = {}
+        for stream, fields, _ in events:
+            pipe.xadd(stream.key, fields)
+            touched[stream.key] = True
+        for key in touched:
+            pipe.expire(key, STREAM_TTL_SECONDS)
+        for stream in watching:
+            pipe.exists(stream.cancel_key)
+        replies = pipe.execute()
+        for stream, flag in zip(watching, replies[len(replies) - len(watching):]):
+            if flag:
+                stream.cancel_seen = True
+
+
+class HubStream:
+    """One request's stream in a ``StreamHub``: events are queued in call order."""
+
+    def __init__(self, hub: StreamHub, request_id: str) -> None:
+        self._hub = hub
+        self.request_id = request_id
+        self.key = stream_key(hub._prefix, request_id)
+        self.cancel_key = cancel_key(hub._prefix, request_id)
+        self.cancel_seen = False
+        self.closed = False
+
+    def emit(self, event: str, data: dict[str, Any], *, final: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = final
+        self._hub._put(self, encode(event, data), final)
+
+    def token(self, text: str) -> None:
+        self.emit(EVENT_TOKEN, {"text": text})

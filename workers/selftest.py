@@ -219,33 +219,70 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+class _Collect:
+    """The test decode's output, kept in memory."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.usage: dict = {}
+        self.error = None
+
+    def text(self, text: str) -> None:
+        self.pieces.append(text)
+
+    def finish(self, finish_reason: str, usage: dict, timings: dict) -> None:
+        self.usage = usage
+
+    def fail(self, error) -> None:
+        self.error = error
+
+    def cancel(self, tokens_emitted: int) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the GGUF file to load")
-    parser.add_argument("--options", default="{}", help="keyword arguments of llama_cpp.Llama, as JSON")
+    parser.add_argument("--options", default="{}", help="n_ctx, n_gpu_layers, n_threads as JSON")
     parser.add_argument("--parent-pid", type=int, default=0, help="die with this process (the worker)")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
     faulthandler.enable()  # a crash writes the Python stack to stderr before the process dies of it
     started = time.monotonic()
     import llama_cpp
+    from llama_cpp import _logger
 
-    from workers.generation import SamplingParams, generate
+    from workers.engine.batch import BatchEngine, Sequence
+    from workers.engine.model import LoadedModel, backend_init
+    from workers.messages import SamplingParams
 
     _report(stage="started", system_info=_system_info(llama_cpp))
     try:
-        # verbose: llama.cpp's own log lines, which end up in the stderr tail of a failure.
-        llm = llama_cpp.Llama(model_path=args.model, **{**json.loads(args.options), "verbose": True})
+        options = json.loads(args.options)
+        backend_init()
+        _logger.set_verbose(True)  # llama.cpp's own log lines end up in the stderr tail of a failure
+        model = LoadedModel(args.model, n_gpu_layers=options.get("n_gpu_layers", 0))
+        engine = BatchEngine(model, n_slots=1, n_ctx_per_seq=options.get("n_ctx", 512),
+                             n_threads=options.get("n_threads", 1))
         loaded = time.monotonic()
         _report(stage="loaded", load_s=round(loaded - started, 3), system_info=_system_info(llama_cpp))
         if crash := os.environ.get(CRASH_ENV):
             os.kill(os.getpid(), signal.Signals[crash])
-        tokens = llm.tokenize(PROMPT.encode("utf-8"), add_bos=True, special=False)
-        pieces: list[str] = []
-        result = generate(llm, tokens, SamplingParams(max_tokens=GENERATE_TOKENS, temperature=0.0), pieces.append)
-        _report(stage="done", decode_s=round(time.monotonic() - loaded, 3), prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, text="".join(pieces))
-        llm.close()
+        tokens = model.tokenize(PROMPT, add_special=True, parse_special=False)
+        sink = _Collect()
+        engine.add(Sequence(prompt=tokens, sampling=SamplingParams(max_tokens=GENERATE_TOKENS, temperature=0.0),
+                            sink=sink))
+        while engine.busy():
+            engine.step()
+        if sink.error is not None:
+            raise RuntimeError(sink.error.message)
+        _report(stage="done", decode_s=round(time.monotonic() - loaded, 3), prompt_tokens=len(tokens),
+                completion_tokens=sink.usage.get("completion_tokens", 0), text="".join(sink.pieces))
+        engine.close()
+        model.close()
     except Exception as exc:
         import traceback
 

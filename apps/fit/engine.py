@@ -3,15 +3,17 @@
 Pure Python on plain values (no ORM), shared by the per-node API, the fleet matrix, the
 placement selector and ``manage.py fit`` / ``fit serve``.
 
-Memory a model needs at one quantization, for a context of ``ctx`` tokens::
+Memory a model needs at one quantization, for ``seqs`` sequences of ``ctx`` tokens each::
 
-    weights   = the GGUF file's size at that quantization
-    kv_cache  = 2 (K and V) x layers x kv_heads x head_dim x ctx x 2 bytes (f16 cache)
+    weights   = the GGUF file's size at that quantization (loaded once, whatever the sequences)
+    kv_cache  = 2 (K and V) x layers x kv_heads x head_dim x ctx x seqs x 2 bytes (f16 cache)
     overhead  = 0.5 GiB (CUDA/CPU runtime, compute buffers, scratch)
     required  = weights + kv_cache + overhead
 
 ``ctx`` is the model's own context length, capped by ``max_context`` (or, without one, by the
-context the platform loads models with, ``LLMP_N_CTX``).
+context the platform loads models with, ``LLMP_N_CTX``). ``seqs`` is 1 for llmfit's single-stream
+estimate; the platform's own estimates use the sequences a runner batches (``LLMP_POOL_SLOTS_PER_MODEL``),
+which is what a runner allocates.
 
 Run mode and fit level (V = VRAM of the node's GPUs, R = the node's RAM):
 
@@ -402,9 +404,9 @@ class _Option:
     capacity: int
 
 
-def _options(model: ModelSpec, machine: Machine, context: int) -> list[_Option]:
+def _options(model: ModelSpec, machine: Machine, context: int, sequences: int) -> list[_Option]:
     quants = [q for q in model.quantizations if q.name.upper() not in _FULL_PRECISION] or list(model.quantizations)
-    kv = kv_cache_bytes(model, context)
+    kv = kv_cache_bytes(model, context) * sequences
     options = []
     for quant in quants:
         required = quant.size_bytes + kv + RUNTIME_OVERHEAD_BYTES
@@ -431,10 +433,11 @@ def format_parameter_count(parameters: int) -> str:
 
 
 def model_fit(model: ModelSpec, machine: Machine, *, context_limit: int | None,
-              measurement: Measurement | None = None) -> dict:
-    """One model's fit row on one machine (llmfit's field names, plus ours)."""
+              measurement: Measurement | None = None, sequences: int = 1) -> dict:
+    """One model's fit row on one machine (llmfit's field names, plus ours), for ``sequences``
+    concurrent sequences of the context each."""
     context = min(model.context_length, context_limit) if context_limit else model.context_length
-    best = _best(_options(model, machine, context))
+    best = _best(_options(model, machine, context, sequences))
     required, mode, level, capacity = best.required, best.mode, best.level, best.capacity
     notes, measured = [], []
     if measurement and measurement.memory_bytes:  # measured weights, plus the modelled KV cache and overhead
@@ -497,6 +500,7 @@ def model_fit(model: ModelSpec, machine: Machine, *, context_limit: int | None,
         "weights_gb": round(best.weights / GIB, 2),
         "kv_cache_gb": round(best.kv / GIB, 2),
         "estimate_context": context,
+        "estimate_sequences": sequences,
         "memory_available_gb": round(capacity / GIB, 2),
         "total_memory_gb": round(required / GIB, 2),
         "utilization_pct": round(100 * required / capacity, 1) if capacity else None,
@@ -650,12 +654,12 @@ def _negated_date(date: str | None) -> tuple:
 
 
 def fit_rows(models: Iterable[ModelSpec], machine: Machine, query: FitQuery, *, default_context: int | None,
-             measurements: Mapping[str, Measurement] | None = None) -> tuple[int, list[dict]]:
+             measurements: Mapping[str, Measurement] | None = None, sequences: int = 1) -> tuple[int, list[dict]]:
     """(total rows that pass the filters, those rows sorted and cut to the query's limit)."""
     context_limit = query.max_context or default_context
     measurements = measurements or {}
-    rows = [model_fit(model, machine, context_limit=context_limit, measurement=measurements.get(model.name))
-            for model in models]
+    rows = [model_fit(model, machine, context_limit=context_limit, measurement=measurements.get(model.name),
+                      sequences=sequences) for model in models]
     rows = sorted((row for row in rows if row_passes(row, query)), key=sort_key(query))
     limit = query.limit if query.limit is not None else query.default_limit
     return len(rows), rows if limit is None else rows[:limit]

@@ -19,6 +19,11 @@ def fit_default_context() -> int:
     return settings.LLMP_N_CTX
 
 
+def fit_sequences() -> int:
+    """Estimates count the KV of every sequence a model's runner holds (each of the context above)."""
+    return settings.LLMP_POOL_SLOTS_PER_MODEL
+
+
 def registered_model_spec(model: RegisteredModel) -> engine.ModelSpec | None:
     """Fit facts of a registered local model from its GGUF header fields (any of them may be empty)."""
     if model.is_external:
@@ -63,7 +68,7 @@ def node_fit_report(*, node: Node, query: engine.FitQuery) -> dict:
     """llmfit's envelope for one node: its system and its filtered, sorted model rows."""
     machine = node_machine(node=node)
     total, rows = engine.fit_rows(fit_models(), machine, query, default_context=fit_default_context(),
-                                  measurements=node_measurements(node=node))
+                                  measurements=node_measurements(node=node), sequences=fit_sequences())
     return engine.envelope(node=node_identity(node), machine=machine, total=total, rows=rows, query=query)
 
 
@@ -81,7 +86,8 @@ def fit_matrix(*, query: engine.FitQuery, node_names: list[str] | None = None) -
     for node in nodes:
         machine, measurements = node_machine(node=node), node_measurements(node=node)
         per_node.append((node, {model.name: engine.model_fit(model, machine, context_limit=context_limit,
-                                                             measurement=measurements.get(model.name))
+                                                             measurement=measurements.get(model.name),
+                                                             sequences=fit_sequences())
                                 for model in models}))
     rows = []
     for model in models:
@@ -128,7 +134,7 @@ def fit_levels(*, model: RegisteredModel, nodes: Iterable[Node]) -> dict[int, Fi
             levels[node.pk] = None
             continue
         fit = engine.model_fit(spec, node_machine(node=node), context_limit=fit_default_context(),
-                               measurement=measurements.get(node.pk))
+                               measurement=measurements.get(node.pk), sequences=fit_sequences())
         levels[node.pk] = FitLevel(fit["fit_level"])
     return levels
 

@@ -120,7 +120,7 @@ async def generation_stream(*, generation: Generation, first: tuple[str, dict]) 
                 yield DONE
                 record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=data["usage"],
                              response_body={"text": "".join(parts), "finish_reason": data["finish_reason"],
-                                            "usage": data["usage"]})
+                                            "usage": data["usage"], "timings": data.get("timings")})
                 return
             try:
                 event, data = await generation.next_output()

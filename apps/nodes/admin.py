@@ -22,7 +22,7 @@ class NodeAdmin(admin.ModelAdmin):
                     "last_heartbeat")
     list_filter = (NodeStatusFilter, "cordoned")
     search_fields = ("name", "hostname")
-    readonly_fields = ("started_at", "last_heartbeat", "created_at", "loaded_models", "hardware", "health_error",
+    readonly_fields = ("started_at", "last_heartbeat", "created_at", "loaded_models", "runners", "hardware", "health_error",
                        "health_checked_at", "health_detail")
     actions = ["cordon", "uncordon", "drain"]
 

@@ -46,6 +46,9 @@ class Node(models.Model):
     gpu_index = models.PositiveSmallIntegerField(null=True, blank=True)
     hardware = models.JSONField(default=dict, blank=True)
     loaded_models = models.JSONField(default=list, blank=True)
+    runners = models.JSONField(default=dict, blank=True, help_text=(
+        "From the last heartbeat: the worker's runner processes (model, state, pid, requests in flight, memory "
+        "held, decode steps by how many sequences shared them) and its last runner deaths."))
     started_at = models.DateTimeField()
     last_heartbeat = models.DateTimeField(db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -46,14 +46,18 @@ def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: 
     return node
 
 
-def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict | None = None) -> None:
-    """Mark a node alive now with the models it holds in memory, and store its metrics sample.
+def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict | None = None,
+                          runners: dict | None = None) -> None:
+    """Mark a node alive now with the models it holds in memory (and its runners), and store its metrics sample.
 
     Re-creates nothing: a node deleted by an operator stays deleted until its worker restarts.
     """
     now = timezone.now()
     node_id = Node.objects.filter(name=name).values_list("pk", flat=True).first()
-    if node_id is None or not Node.objects.filter(pk=node_id).update(last_heartbeat=now, loaded_models=loaded_models):
+    fields = {"last_heartbeat": now, "loaded_models": loaded_models}
+    if runners is not None:
+        fields["runners"] = runners
+    if node_id is None or not Node.objects.filter(pk=node_id).update(**fields):
         return
     if metrics is not None:
         gpus = [gpu for gpu in metrics.get("gpus") or [] if isinstance(gpu, dict)]

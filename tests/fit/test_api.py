@@ -128,11 +128,14 @@ def test_every_sort_column_orders_the_rows(api, gpu_node, sort, key, descending)
 def test_max_context_caps_the_context_the_memory_is_estimated_for(api, gpu_node):
     search = {"search": "Llama-3.1-8B-Instruct"}
     small = models(api, gpu_node, max_context=1024, **search)["models"][0]
-    large = models(api, gpu_node, max_context=65536, **search)["models"][0]
-    assert (small["estimate_context"], large["estimate_context"]) == (1024, 65536)
-    # KV grows by 2 x 32 x 8 x 128 x (65536 - 1024) x 2 bytes = 8,455,716,864 (7.88 GiB) at the same quant
+    large = models(api, gpu_node, max_context=8192, **search)["models"][0]
+    assert (small["estimate_context"], large["estimate_context"]) == (1024, 8192)
+    # Per sequence, KV grows by 2 x 32 x 8 x 128 x (8192 - 1024) x 2 bytes = 939,524,096 at the same quant,
+    # and the platform counts every sequence a runner holds.
+    sequences = settings.LLMP_POOL_SLOTS_PER_MODEL
+    assert small["estimate_sequences"] == large["estimate_sequences"] == sequences
     assert small["best_quant"] == large["best_quant"] == "Q8_0"
-    assert large["memory_required_bytes"] - small["memory_required_bytes"] == 8_455_716_864
+    assert large["memory_required_bytes"] - small["memory_required_bytes"] == 939_524_096 * sequences
 
 
 def test_top_returns_five_runnable_models_by_default(api, make_node):
@@ -192,7 +195,7 @@ def test_placement_fit_level_of_a_registered_model_matches_the_hand_computation(
     gpu, laptop = make_node("rtx4090"), make_node("laptop16")
     small, big = _registered(4_000_000_000), _registered(14_000_000_000)
     ctx = min(8192, settings.LLMP_N_CTX)
-    kv = 2 * 32 * 8 * (4096 // 32) * ctx * 2
+    kv = 2 * 32 * 8 * (4096 // 32) * ctx * 2 * settings.LLMP_POOL_SLOTS_PER_MODEL  # every sequence's KV
     # 4e9 + KV + 0.5 GiB: on the 4090 well under 80 % of 25,757,220,864; on the laptop under 70 % of 16 GiB
     assert (4_000_000_000 + kv + 536_870_912) / 25_757_220_864 <= 0.8
     assert fit_level(node=gpu, model=small) == "perfect"

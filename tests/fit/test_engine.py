@@ -36,6 +36,14 @@ def test_the_catalog_holds_at_least_150_real_models_with_what_fit_analysis_needs
     assert moe.is_moe and moe.active_parameters == 3_300_000_000
 
 
+def test_every_sequence_a_runner_batches_holds_its_own_kv_and_the_weights_count_once():
+    fit = engine.model_fit(model("meta-llama/Llama-3.1-8B-Instruct"), machine("rtx4090"), context_limit=8192,
+                           sequences=4)
+    # 4 sequences x 1 GiB of KV each, beside one copy of the Q8_0 weights
+    assert fit["memory_required_bytes"] == 8_540_000_000 + 4 * 1_073_741_824 + OVERHEAD
+    assert (fit["estimate_sequences"], fit["kv_cache_gb"], fit["best_quant"]) == (4, 4.0, "Q8_0")
+
+
 def test_llama_3_1_8b_is_a_perfect_fit_at_q8_on_an_rtx_4090():
     fit = engine.model_fit(model("meta-llama/Llama-3.1-8B-Instruct"), machine("rtx4090"), context_limit=8192)
     # KV = 2 x 32 layers x 8 kv heads x 128 x 8192 x 2 B = 1,073,741,824 (1 GiB)

@@ -19,7 +19,7 @@ class NodeSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "hostname", "queue", "gpu_index", "gpus", "status", "placeable", "cordoned", "cordoned_gpus",
             "health_error", "health_checked_at", "health_detail",
-            "hardware", "loaded_models", "started_at", "last_heartbeat", "created_at",
+            "hardware", "loaded_models", "runners", "started_at", "last_heartbeat", "created_at",
         ]
         read_only_fields = fields
 
