@@ -51,16 +51,11 @@ def _model_present(model_id: str) -> None:
     def record() -> None:
         from django.db import close_old_connections
 
-        from apps.models.models import RegisteredModel
-        from apps.models.services import model_copy_record
-        from apps.nodes.models import Node
+        from apps.models.services import model_copy_record_seen
 
         try:
             close_old_connections()
-            model = RegisteredModel.objects.filter(id=model_id).first()
-            node = Node.objects.filter(name=node_name()).first()
-            if model is not None and node is not None:
-                model_copy_record(model=model, node=node)
+            model_copy_record_seen(model_id=model_id, node_name=node_name())
         except Exception:
             with _present_lock:
                 _present.discard(model_id)

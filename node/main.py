@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node", default=env_str("LLMP_NODE_NAME", socket.gethostname()),
                         help="node name; also names the queue node.NAME (default: the hostname)")
     parser.add_argument("--gpu", type=int, default=None, help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--concurrency", type=int, default=None, help="requests run at once (LLMP_WORKER_CONCURRENCY)")
+    parser.add_argument("--concurrency", type=int, default=None, help="task threads (LLMP_WORKER_CONCURRENCY)")
     parser.add_argument("--no-default-queue", action="store_true", help="do not consume the shared default queue")
     parser.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler (one per fleet)")
     parser.add_argument("--loglevel", default="INFO")

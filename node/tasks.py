@@ -56,12 +56,11 @@ def model_copy_delete(model_id: str) -> bool:
     """
     from django.conf import settings
 
-    from apps.models.models import RegisteredModel
+    from apps.models.selectors import model_file_names
 
     if not settings.LLMP_SERVER_URL:
         return False
     node_pool().unload([model_id])
-    model = RegisteredModel.objects.filter(id=model_id).first()
-    file_name = model.file_name if model is not None else f"{model_id}.gguf"
+    file_name = model_file_names(model_ids=[model_id]).get(model_id) or f"{model_id}.gguf"
     (settings.MODELS_DIR / file_name).unlink(missing_ok=True)
     return True

@@ -102,9 +102,18 @@ def _too_long(n_bytes: int, model: LoadedModel, n_ctx: int, param: str) -> Infer
                           code="context_length_exceeded", param=param)
 
 
+def utf8(text: str, param: str) -> bytes:
+    """The UTF-8 bytes of a client's text; a lone surrogate (valid JSON, not valid text) is a 400."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InferenceError(f"{param} contains a lone surrogate, which is not text", code="invalid_value",
+                             param=param) from None
+
+
 def check_length(texts: Sequence[str], model: LoadedModel, n_ctx: int, param: str) -> None:
-    """Refuse, without tokenizing, text that has more tokens than the context for certain."""
-    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    """Refuse, without tokenizing, text that has more tokens than the context for certain (or is not text)."""
+    n_bytes = sum(len(utf8(text, param)) for text in texts)
     if n_bytes > n_ctx * model.longest_token_bytes:
         raise _too_long(n_bytes, model, n_ctx, param)
 

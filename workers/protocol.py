@@ -15,6 +15,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 STREAM_TTL_SECONDS = 600
@@ -241,12 +242,13 @@ class StreamHub:
 
     def _write(self, events: list, watching: list[HubStream]) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        touched = {}
-        for stream, fields, _ in events:
+        now = time.monotonic()
+        for stream, fields, final in events:
             pipe.xadd(stream.key, fields)
-            touched[stream.key] = True
-        for key in touched:
-            pipe.expire(key, STREAM_TTL_SECONDS)
+            # The expiry is set with a stream's first event, renewed every minute and with its last.
+            if final or now - stream.expiry_set_at > 60:
+                stream.expiry_set_at = now
+                pipe.expire(stream.key, STREAM_TTL_SECONDS)
         for stream in watching:
             pipe.exists(stream.cancel_key)
         replies = pipe.execute()
@@ -265,6 +267,7 @@ class HubStream:
         self.cancel_key = cancel_key(hub._prefix, request_id)
         self.cancel_seen = False
         self.closed = False
+        self.expiry_set_at = float("-inf")
 
     def emit(self, event: str, data: dict[str, Any], *, final: bool = False) -> None:
         if self.closed:

@@ -299,3 +299,12 @@ def test_a_long_prompt_step_stops_early_when_its_client_leaves(model):
         assert generate(engine, model, "The capital of France is", max_tokens=4).outcome == "length"
     finally:
         engine.close()
+
+
+def test_a_request_waiting_for_a_slot_that_is_cancelled_never_starts(engine, model):
+    running = [submit(engine, model, f"Story number {i}:", max_tokens=40) for i in range(4)]  # every slot
+    waiting = submit(engine, model, "The capital of France is", max_tokens=40, cancel_after=0)
+    engine.step()
+    assert waiting.outcome == "cancelled" and waiting.tokens_at_cancel == 0 and waiting.pieces == []
+    run_all(engine)
+    assert all(sink.outcome == "length" for sink in running)

@@ -178,3 +178,32 @@ def test_requests_a_runner_had_not_started_go_to_a_new_runner(pool, redis, prefi
     os.kill(pool.runners()[0]["pid"], signal.SIGKILL)
     for request_id in ids:
         assert events(redis, prefix, request_id)[-1][0] == "done"
+
+
+def test_runners_decode_only_while_holding_the_node_lock(pool, redis, prefix, tmp_path):
+    """The node's runners take turns on its threads: while another holder has the lock, none decodes."""
+    import fcntl
+
+    events(redis, prefix, submit(pool, chat(max_tokens=2)))  # loaded and idle
+    with open(tmp_path / "decode.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a runner of another model would during its step
+        request_id = submit(pool, chat(max_tokens=4))
+        with pytest.raises(AssertionError, match="no end event"):
+            events(redis, prefix, request_id, timeout=1.5, until=("token", "done", "error"))
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert events(redis, prefix, request_id)[-1][0] == "done"
+
+
+@pytest.mark.parametrize("wire", [
+    chat(content="hello \ud800 there"),
+    InferenceRequest.from_params(request_id=uuid.uuid4().hex, kind="embedding",
+                                 model=ModelRef(id="unused", source="bundled", file_name="x"),
+                                 params={"input": ["fine", "lone \udfff surrogate"]}).to_wire(),
+], ids=["chat", "embedding"])
+def test_text_that_is_not_text_is_a_400_and_the_runner_serves_on(pool, redis, prefix, wire):
+    """JSON can carry a lone surrogate; the gateway refuses it, and the runner would too."""
+    event, data = events(redis, prefix, submit(pool, wire))[-1]
+    assert event == "error" and data["status"] == 400 and data["code"] == "invalid_value"
+    pid = pool.runners()[0]["pid"]
+    assert events(redis, prefix, submit(pool, chat(max_tokens=2)))[-1][0] == "done"
+    assert pool.runners()[0]["pid"] == pid

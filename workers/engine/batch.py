@@ -25,7 +25,7 @@ from workers.generation import InferenceError, TextStream
 from workers.messages import SamplingParams
 
 DEFAULT_BATCH = 512  # tokens per decode step: a prompt is read in chunks of at most this
-ABORT_CHECK_MIN_TOKENS = 32  # prompt tokens in a step from which cancellation is checked during the decode
+ABORT_CHECK_MIN_TOKENS = 256  # prompt tokens in a step from which cancellation is checked during the decode
 _NO_ABORT = llama_cpp.ggml_abort_callback(0)
 
 

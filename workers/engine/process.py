@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,23 +88,26 @@ class Control:
                 pass  # the parent is gone; the reader sees it too and stops us
 
 
+class DecodeLock:
+    """The node's decode lock, an flock (released by the kernel if its holder dies): runners of one
+    node take turns per decode step, so they share the node's threads instead of oversubscribing them."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 def decode_lock(path: str):
-    """A context manager factory holding the node's decode lock (an flock: released if we die)."""
+    """A factory of the context manager each decode step holds (none without a lock file)."""
     if not path:
-        from contextlib import nullcontext
-
         return nullcontext
-    handle = open(path, "a+")
-
-    @contextmanager
-    def held():
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-    return held
+    lock = DecodeLock(path)
+    return lambda: lock
 
 
 class RequestSink:
@@ -221,9 +224,10 @@ class Runner:
                                      submitted_at=submitted))
         except InferenceError as exc:
             sink.fail(exc)
-        except (KeyError, TypeError, ValueError) as exc:
-            sink.fail(InferenceError(f"the runner cannot read this request ({exc!r})", code="internal_error",
-                                     status=500, type="server_error"))
+        except Exception as exc:  # one request's fault never takes the model's other streams down
+            logger.exception("request %s could not be admitted", request_id)
+            sink.fail(InferenceError(f"the runner cannot serve this request ({type(exc).__name__})",
+                                     code="internal_error", status=500, type="server_error"))
 
     def embed_step(self) -> None:
         """One decode's worth of the oldest embedding request."""
@@ -248,6 +252,10 @@ class Runner:
                 sink.done(embedding_result(job["vectors"], total, request.encoding_format))
         except InferenceError as exc:
             sink.fail(exc)
+        except Exception as exc:
+            logger.exception("embedding request %s failed", sink.request_id)
+            sink.fail(InferenceError(f"the runner could not embed these inputs ({type(exc).__name__})",
+                                     code="internal_error", status=500, type="server_error"))
         self._embedding_jobs.pop(0)
 
 

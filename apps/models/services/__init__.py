@@ -27,6 +27,7 @@ from apps.models.services.registry import (
     blob_token_check,
     model_copy_delete,
     model_copy_record,
+    model_copy_record_seen,
     model_delete,
     model_file_name_clean,
     model_id_check,
@@ -43,7 +44,8 @@ from apps.models.services.uploads import FILE_FIELD, GGUFUploadHandler, Received
 __all__ = [
     "CONVERT_OUTTYPES", "FILE_FIELD", "GGUF_SUFFIX", "ExternalKeysReencrypted", "GGUFUploadHandler", "ModelConflict",
     "ModelError", "ReceivedFile", "blob_token", "blob_token_check", "external_base_url_clean",
-    "external_keys_reencrypt", "model_convert_start", "model_copy_delete", "model_copy_record", "model_delete",
+    "external_keys_reencrypt", "model_convert_start", "model_copy_delete", "model_copy_record",
+    "model_copy_record_seen", "model_delete",
     "model_delete_external", "model_download_start", "model_file_name_clean", "model_id_check", "model_id_for_file",
     "model_path", "model_quantize_start", "model_register_bundled", "model_register_external", "model_register_file",
     "model_register_upload", "model_store_sync", "model_unload_everywhere", "model_update_external",

@@ -70,8 +70,13 @@ def model_id_check(model_id: str) -> str:
     return model_id
 
 
+# The largest context length the registry stores (its column's range); no model comes near it.
+MAX_CONTEXT_LENGTH = 2**31 - 1
+
+
 def gguf_facts(path: Path) -> dict:
-    """The registry fields read from a GGUF file's header; ModelError when it is not a valid GGUF."""
+    """The registry fields read from a GGUF file's header; ModelError when it is not a valid GGUF, or
+    records a context length no model has (under 1 or over MAX_CONTEXT_LENGTH)."""
     from workers.gguf import GGUFError, read_header, summarize
 
     size = path.stat().st_size
@@ -80,10 +85,14 @@ def gguf_facts(path: Path) -> dict:
             summary = summarize(read_header(handle, file_size=size), file_size=size)
     except GGUFError as exc:
         raise ModelError(f"Invalid GGUF file: {exc}") from exc
+    context_length = summary.get("context_length")
+    if context_length is not None and not 1 <= context_length <= MAX_CONTEXT_LENGTH:
+        raise ModelError(f"Invalid GGUF file: its context length {context_length} is not between 1 and "
+                         f"{MAX_CONTEXT_LENGTH}")
     return {
         "architecture": summary.get("architecture") or "",
         "parameter_count": summary.get("parameter_count"),
-        "context_length": summary.get("context_length"),
+        "context_length": context_length,
         "file_type": summary.get("file_type") or "",
         "chat_template": summary.get("chat_template") or "",
         "metadata": summary.get("metadata") or {},
@@ -113,6 +122,18 @@ def model_register_file(*, model_id: str, source: str, path: Path, sha256: str, 
 
 def model_copy_record(*, model: RegisteredModel, node) -> None:
     ModelCopy.objects.get_or_create(model=model, node=node, defaults={"size_bytes": model.size_bytes})
+
+
+def model_copy_record_seen(*, model_id: str, node_name: str) -> bool:
+    """A node's worker found a model's file on its disk: record the copy (False when either is unknown)."""
+    from apps.nodes.models import Node
+
+    model = RegisteredModel.objects.filter(id=model_id).first()
+    node = Node.objects.filter(name=node_name).first()
+    if model is None or node is None:
+        return False
+    model_copy_record(model=model, node=node)
+    return True
 
 
 def model_path(model: RegisteredModel) -> Path:
