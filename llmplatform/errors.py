@@ -2,10 +2,18 @@
 
 Services raise an ``ApplicationError`` (or a subclass of their app) with the HTTP status that says
 why; views let it through, and ``llmplatform.api_errors`` turns it into ``{"error": ...}``, the one
-place that does. The /v1 surface has its own error type (``apps.gateway.errors.OpenAIError``).
+place that does. ``BROKER_ERRORS`` (Redis not answering) become ``BrokerUnavailable`` there, a 503.
+The /v1 surface has its own error type (``apps.gateway.errors.OpenAIError``).
 """
 
 from __future__ import annotations
+
+from kombu.exceptions import OperationalError as CeleryBrokerError
+from redis.exceptions import RedisError
+
+# Redis does not answer: met directly (the Redis clients) or through Celery publishing a task.
+BROKER_ERRORS = (RedisError, CeleryBrokerError)
+BROKER_UNAVAILABLE = "The platform's message broker (Redis) is unavailable."
 
 
 class ApplicationError(Exception):
@@ -34,3 +42,13 @@ class ApplicationError(Exception):
         if self.code is not None:
             body["code"] = self.code
         return body
+
+
+class BrokerUnavailable(ApplicationError):
+    """What one of ``BROKER_ERRORS`` means to a client: come back later."""
+
+    status = 503
+    code = "broker_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(BROKER_UNAVAILABLE)

@@ -6,6 +6,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.gateway import health
 
+handler404 = "llmplatform.api_errors.not_found"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("health", health.liveness, name="health"),

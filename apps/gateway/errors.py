@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.http import JsonResponse
 
+from llmplatform.errors import BROKER_UNAVAILABLE
+
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, code: str | None, param: str | None = None,
@@ -50,5 +52,4 @@ def worker_lost(message: str) -> OpenAIError:
 
 def broker_unavailable() -> OpenAIError:
     """Redis does not answer (and only that: a busy gateway waits for a connection instead)."""
-    return OpenAIError(503, "The platform's message broker (Redis) is unavailable.", code="broker_unavailable",
-                       type="server_error")
+    return OpenAIError(503, BROKER_UNAVAILABLE, code="broker_unavailable", type="server_error")

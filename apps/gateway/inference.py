@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from apps.gateway import validation
 from apps.gateway.dispatch import node_pick, request_events, request_release, request_send
-from apps.gateway.errors import OpenAIError
+from apps.gateway.errors import OpenAIError, broker_unavailable
 from apps.gateway.history import RequestRecord
 from apps.gateway.models import ApiKey, RequestStatus
 from apps.gateway.upstream import upstream_answer, usage_counts
 from apps.models.models import RegisteredModel
 from llmplatform.background import spawn
+from llmplatform.errors import BROKER_ERRORS
 from llmplatform.sse import DONE, sse_frame
 from workers import protocol
 
@@ -202,6 +203,10 @@ async def generate_answer(*, model: RegisteredModel, body: dict, path: str, api_
     except OpenAIError as error:
         record.fail(error)  # a no-op when the record was already failed
         raise
+    except BROKER_ERRORS as exc:
+        error = broker_unavailable()
+        record.fail(error)
+        raise error from exc
     finally:
         await record.written()  # the caller's event loop may end with this call
     choice = result["choices"][0]

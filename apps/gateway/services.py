@@ -14,6 +14,8 @@ from apps.gateway.models import ApiKey, RequestLog
 
 API_KEY_PREFIX = "llmp-"
 VISIBLE_PREFIX_LENGTH = 12
+# The longest expiry a key may be given (a key that should never expire is given none).
+API_KEY_MAX_LIFETIME = timedelta(days=36500)
 
 
 def api_key_hash(raw_key: str) -> str:
@@ -29,6 +31,8 @@ def api_key_create(
         raise ValueError("an API key needs a name")
     if expires_in is not None and expires_in.total_seconds() <= 0:
         raise ValueError("expiry must be in the future")
+    if expires_in is not None and expires_in > API_KEY_MAX_LIFETIME:
+        raise ValueError(f"expiry must be at most {API_KEY_MAX_LIFETIME.days} days away")
     raw_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey.objects.create(
         name=name.strip(),

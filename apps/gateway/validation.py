@@ -13,6 +13,7 @@ from typing import Any
 from django.conf import settings
 
 from apps.gateway.errors import OpenAIError, invalid_value
+from llmplatform.jsonbody import NESTED_TOO_DEEP, json_body_problem
 from workers.messages import SAMPLING_DEFAULTS, InferenceRequest, ModelRef
 from workers.protocol import KIND_CHAT, KIND_COMPLETION, KIND_EMBEDDING
 
@@ -36,11 +37,19 @@ class ValidRequest:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object the platform can store and pass on (see ``llmplatform.jsonbody``)."""
     try:
         body = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError):
         raise OpenAIError(400, "We could not parse the JSON body of your request. Send a JSON object "
                                "with 'Content-Type: application/json'.", code="invalid_json") from None
+    except RecursionError:
+        raise OpenAIError(400, NESTED_TOO_DEEP.sentence, code="invalid_json") from None
+    problem = json_body_problem(body)
+    if problem is not None and problem.param is not None:
+        raise invalid_value(problem.param, problem.sentence)
+    if problem is not None:
+        raise OpenAIError(400, problem.sentence, code="invalid_json")
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     return body
@@ -147,10 +156,11 @@ def _messages(body: dict) -> list[dict[str, str]]:
         raise invalid_value("messages", "'messages' must be a non-empty list of {role, content} objects.")
     clean = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise invalid_value(f"messages[{index}].role",
                                 f"Each message needs a role, one of {sorted(CHAT_ROLES)}.")
-        role = "system" if message["role"] == "developer" else message["role"]
+        role = "system" if role == "developer" else role
         clean.append({"role": role, "content": _message_text(index, message.get("content"))})
     return clean
 

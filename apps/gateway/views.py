@@ -9,7 +9,6 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from redis.exceptions import RedisError
 
 from apps.gateway import validation
 from apps.gateway.errors import OpenAIError, broker_unavailable, invalid_api_key, model_not_found
@@ -22,6 +21,7 @@ from apps.gateway.upstream import upstream_serve
 from apps.models.models import RegisteredModel
 from apps.models.selectors import model_get_active, model_list_active
 from llmplatform.background import spawn
+from llmplatform.errors import BROKER_ERRORS
 from llmplatform.sse import sse_response
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
     except asyncio.CancelledError:  # the client went away
         record.close(status=RequestStatus.CANCELLED, status_code=499)
         raise
-    except RedisError as exc:
+    except BROKER_ERRORS as exc:
         logger.error("%s %s: Redis failed: %s", request.method, request.path, exc)
         return _failed(record, broker_unavailable())
     except Exception:

@@ -11,13 +11,14 @@ or ``?api_key=`` for browsers, which cannot set headers). Query parameters subsc
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.http.request import validate_host
+from django.http.request import split_domain_port, validate_host
+from django.utils.http import is_same_domain
 
 from apps.jobs import events
 from apps.jobs.selectors import job_visible
@@ -25,6 +26,27 @@ from llmplatform.authentication import api_key_user
 
 ALL = "*"
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def _origin_is_this_site(scope) -> bool:
+    """Whether the page that opened this WebSocket is this site's: its whole origin (scheme, host and port)
+    is the one the connection came to, on an allowed host, or is in CSRF_TRUSTED_ORIGINS (``*.`` wildcards
+    included), as Django's CSRF check has it for forms. No Origin header: not a browser, nothing to hijack."""
+    headers = dict(scope.get("headers") or [])
+    if b"origin" not in headers:
+        return True
+    origin, host = headers[b"origin"].decode("latin1"), headers.get(b"host", b"").decode("latin1")
+    secure = scope.get("scheme") == "wss"
+    if settings.SECURE_PROXY_SSL_HEADER:  # TLS ends at a proxy in front, which says so in this header
+        name, value = settings.SECURE_PROXY_SSL_HEADER
+        forwarded = headers.get(name.removeprefix("HTTP_").replace("_", "-").lower().encode(), b"")
+        secure = secure or forwarded.decode("latin1").split(",")[0].strip() == value
+    if host and origin == f"{'https' if secure else 'http'}://{host}":
+        return validate_host(split_domain_port(host)[0], settings.ALLOWED_HOSTS)
+    scheme, _, netloc = origin.partition("://")
+    return origin in settings.CSRF_TRUSTED_ORIGINS or any(
+        trusted.startswith(f"{scheme}://*.") and is_same_domain(netloc, trusted.partition("://")[2].lstrip("*"))
+        for trusted in settings.CSRF_TRUSTED_ORIGINS)
 
 
 @database_sync_to_async
@@ -47,21 +69,13 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
 
     async def _authenticate(self):
         user = self.scope.get("user")
-        if user is not None and user.is_authenticated and self._same_site():
+        if user is not None and user.is_authenticated and _origin_is_this_site(self.scope):  # no cross-site hijacking
             return user
         headers = dict(self.scope.get("headers") or [])
         scheme, _, raw_key = headers.get(b"authorization", b"").decode(errors="replace").partition(" ")
         if scheme.lower() != "bearer":
             raw_key = (parse_qs(self.scope.get("query_string", b"").decode()).get("api_key") or [""])[0]
         return await _user_for_key(raw_key.strip()) if raw_key.strip() else None
-
-    def _same_site(self) -> bool:
-        """A session cookie counts only from a page of this site (no cross-site WebSocket hijacking)."""
-        origin = dict(self.scope.get("headers") or []).get(b"origin")
-        if origin is None:
-            return True
-        host = urlsplit(origin.decode("latin1")).hostname or ""
-        return validate_host(host, settings.ALLOWED_HOSTS)
 
     async def disconnect(self, code) -> None:
         for group in set(getattr(self, "subscriptions", {}).values()):

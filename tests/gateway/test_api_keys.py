@@ -62,3 +62,11 @@ def test_create_api_key_refuses_an_unknown_user():
 
     with pytest.raises(CommandError, match="no user named"):
         call_command("create_api_key", "--name", "x", "--user", "nobody-here")
+
+
+def test_create_api_key_refuses_an_expiry_beyond_any_date():
+    import pytest
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="--expires-in must be"):
+        call_command("create_api_key", "--name", "x", "--expires-in", str(10**14))

@@ -1,14 +1,17 @@
-"""Every /v1 error comes in OpenAI's shape, with the right status and code."""
+"""Every /v1 error comes in OpenAI's shape, with the right status and code (and the management API's
+own shape when Redis is down)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 
 import httpx
 import openai
 import pytest
 
+from apps.gateway.models import RequestLog
 from llmplatform import devstack
 
 
@@ -65,6 +68,8 @@ def test_a_body_that_is_not_json_is_a_400(http):
     ("stop", ["a", "b", "c", "d", "e"], "stop"),
     ("messages", [], "messages"),
     ("messages", [{"role": "wizard", "content": "x"}], "messages[0].role"),
+    ("messages", [{"role": {"name": "user"}, "content": "x"}], "messages[0].role"),
+    ("messages", [{"role": ["user"], "content": "x"}], "messages[0].role"),
     ("stream", "yes", "stream"),
     ("stream_options", {"include_usage": True}, "stream_options"),
     ("n", 2, "n"),
@@ -74,6 +79,37 @@ def test_a_bad_parameter_is_named_in_a_400(http, model_id, field, value, param):
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert _error(response)["param"] == param
+
+
+def test_a_body_nested_thousands_of_levels_deep_is_a_400(http, model_id):
+    for nested in ("[" * 5000 + "]" * 5000, '{"a": ' * 5000 + "1" + "}" * 5000, "[" * 200 + "]" * 200):
+        body = f'{{"model": "{model_id}", "messages": [{{"role": "user", "content": "hi"}}], "metadata": {nested}}}'
+        response = http.post("/v1/chat/completions", content=body.encode(),
+                             headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert _error(response)["code"] == "invalid_json"
+        assert "nested" in _error(response)["message"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ("/v1/chat/completions", '{"model": "MODEL", "messages": [{"role": "user", "content": "a\\udc00b"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions",
+     '{"model": "MODEL", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": "hi \\ud800", "max_tokens": 2}', "prompt"),
+    ("/v1/embeddings", '{"model": "MODEL", "input": ["fine", "\\udfff"]}', "input[1]"),
+    ("/v1/completions", '{"model": "MODEL", "prompt": "hi", "user": "\\ud800"}', "user"),
+])
+def test_a_lone_surrogate_is_a_400_that_names_the_field_and_stays_on_record(http, model_id, path, body, param):
+    response = http.post(path, content=body.replace("MODEL", model_id).encode(),
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert _error(response)["param"] == param and _error(response)["code"] == "invalid_value"
+    row = RequestLog.objects.filter(pk=uuid.UUID(response.headers["X-Request-Id"]))
+    devstack.wait_until(row.exists, timeout=10, what="the refused request's history row")
+    assert (row.get().status_code, row.get().error_code) == (400, "invalid_value")
 
 
 def test_a_prompt_longer_than_the_context_is_a_400(http, model_id):
@@ -111,19 +147,43 @@ def bare_platform(tmp_path_factory):
     server.stop()
 
 
-def test_a_gateway_whose_redis_is_down_answers_503_broker_unavailable(tmp_path, model_id):
-    node = ("from apps.nodes.services import node_register as n; "
-            "n(name='ghost', hostname='h', gpu_index=None, hardware={})")
-    base_url, key, server = _lone_gateway(tmp_path, node, REDIS_URL=f"redis://127.0.0.1:{devstack.free_port()}/0")
-    try:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
-        with pytest.raises(openai.InternalServerError) as caught:
-            client.completions.create(model=model_id, prompt="hi")
-        assert caught.value.status_code == 503 and caught.value.code == "broker_unavailable"
-        ready = httpx.get(f"{base_url}/health/ready")
-        assert ready.status_code == 503 and ready.json()["checks"]["redis"]["ok"] is False
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def redis_down(tmp_path_factory):
+    """A gateway whose Redis does not answer, with a node that stays live, a staff user's key and a model."""
+    setup = ("from apps.nodes.services import node_register as n; "
+             "n(name='ghost', hostname='h', gpu_index=None, hardware={}); "
+             "from django.contrib.auth.models import User; from apps.gateway.models import ApiKey; "
+             "ApiKey.objects.filter(name='bare').update(user=User.objects.create_user('owner', is_staff=True)); "
+             "from apps.models.models import RegisteredModel as M; "
+             "M.objects.create(id='doomed', source='upload', file_name='doomed.gguf')")
+    base_url, key, server = _lone_gateway(tmp_path_factory.mktemp("redis-down"), setup,
+                                          REDIS_URL=f"redis://127.0.0.1:{devstack.free_port()}/0",
+                                          LLMP_NODE_OFFLINE_SECONDS="3600")
+    yield base_url, key
+    server.stop()
+
+
+def test_a_gateway_whose_redis_is_down_answers_503_broker_unavailable(redis_down, model_id):
+    base_url, key = redis_down
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.completions.create(model=model_id, prompt="hi")
+    assert caught.value.status_code == 503 and caught.value.code == "broker_unavailable"
+    ready = httpx.get(f"{base_url}/health/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"]["ok"] is False
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/api/v1/generate", {"question": "hi", "max_tokens": 2}),
+    ("POST", "/api/v1/cache/clear", None),
+    ("DELETE", "/api/v1/models/doomed", None),
+])
+def test_the_management_api_answers_503_when_redis_is_down(redis_down, model_id, method, path, body):
+    base_url, key = redis_down
+    response = httpx.request(method, base_url + path, json=body and {**body, "model_name": model_id},
+                             headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert response.status_code == 503, response.text
+    assert "Redis" in response.json()["error"]
 
 
 def test_no_live_worker_is_a_clear_503(bare_platform, model_id):
@@ -168,8 +228,6 @@ def test_an_oversized_body_is_a_413(http, model_id):
 
 
 def test_a_model_whose_file_the_node_lacks_is_a_503_model_unavailable(client):
-    import uuid
-
     from apps.models.models import RegisteredModel
 
     model = RegisteredModel.objects.create(id=f"missing-{uuid.uuid4().hex[:8]}", source="upload",

@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 
 import httpx
+import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
@@ -63,6 +64,63 @@ def test_management_errors_have_one_shape(platform):
     bad = client.post("/api/v1/keys/", json={"name": ""})
     assert bad.status_code == 400
     assert bad.json()["error"].startswith("name:")
+
+
+PAGINATED_LISTS = ["/api/v1/nodes/", "/api/v1/registry/", "/api/v1/external-models/", "/api/v1/keys/",
+                   "/api/v1/requests/", "/api/v1/jobs/"]
+
+
+@pytest.mark.parametrize("path", PAGINATED_LISTS)
+def test_every_list_refuses_a_page_size_out_of_bounds_with_a_400(platform, path):
+    client, _ = _client(platform, staff=True)
+    for query in ({"limit": "9223372036854775808"}, {"limit": "1001"}, {"limit": "0"}, {"limit": "ten"},
+                  {"offset": "-1"}, {"offset": "9" * 5000}):
+        response = client.get(path, params=query)
+        assert response.status_code == 400, (query, response.text)
+        assert response.json()["error"].startswith(f"{next(iter(query))}:")
+    assert client.get(path, params={"limit": "1000", "offset": "9223372036854775808"}).json()["results"] == []
+
+
+def test_a_body_nested_thousands_of_levels_deep_is_a_400(platform):
+    client, _ = _client(platform, staff=False)
+    for path in ("/api/v1/keys/", "/api/v1/generate"):
+        for nested in ("[" * 5000 + "]" * 5000, "[" * 200 + "]" * 200):
+            response = client.post(path, content=f'{{"name": "deep", "extra": {nested}}}',
+                                   headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, response.text
+            assert isinstance(response.json()["error"], str)
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/v1/keys/", '{"name": "key \\ud800"}', "name"),
+    ("/api/v1/generate", '{"question": "\\udc00?", "model_name": "MODEL"}', "question"),
+])
+def test_a_lone_surrogate_in_a_body_is_a_400_that_names_the_field(platform, model_id, path, body, field):
+    client, _ = _client(platform, staff=False)
+    response = client.post(path, content=body.replace("MODEL", model_id).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"{field}:")
+
+
+def test_an_expiry_too_far_away_for_a_date_is_a_400(platform):
+    client, _ = _client(platform, staff=False)
+    response = client.post("/api/v1/keys/", json={"name": "forever", "expires_in": 10**14})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("expires_in:")
+    assert client.post("/api/v1/keys/", json={"name": "a century", "expires_in": 100 * 365 * 86400}).status_code == 201
+
+
+def test_an_unknown_management_path_is_a_json_404(platform):
+    client, _ = _client(platform, staff=True)
+    for path in ("/api/v1/nope", "/api/v1/nodes/a/b/c/d/", "/api/v2/", "/api/v1/keys/no-such-key/"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.headers["Content-Type"] == "application/json"
+        assert isinstance(response.json()["error"], str)
+    anonymous = httpx.get(f"{platform.base_url}/api/v1/nope")
+    assert anonymous.status_code == 404 and isinstance(anonymous.json()["error"], str)
+    assert client.get("/api/v1/keys").headers["Location"] == "/api/v1/keys/"  # a missing slash still redirects
 
 
 def test_the_openapi_schema_and_browsable_api_are_served(platform):

@@ -14,6 +14,7 @@ from django.conf import settings
 from apps.gateway.models import RequestLog
 from apps.models.models import ModelSource, RegisteredModel
 from llmplatform.devstack import wait_until
+from tests.models.test_gguf import SMALL_KVS, VT, kv, small_gguf
 from workers.bundled import bundled_model_path
 
 pytestmark = pytest.mark.live
@@ -101,6 +102,18 @@ def test_malformed_gguf_content_is_refused_with_400_and_leaves_nothing(http, con
     response = _upload(http, name, content)
     assert response.status_code == 400
     assert "GGUF" in response.json()["error"]
+    assert not (settings.MODELS_DIR / name).exists()
+    assert not RegisteredModel.objects.filter(id=name.removesuffix(".gguf")).exists()
+    assert _leftover_parts() == []
+
+
+@pytest.mark.parametrize("vtype, context_length", [(VT.UINT64, 2**64 - 1), (VT.UINT32, 2**31), (VT.INT32, -1)])
+def test_a_gguf_whose_context_length_no_model_has_is_refused_with_400_and_leaves_nothing(http, vtype, context_length):
+    kvs = [item for item in SMALL_KVS if b"llama.context_length" not in item]
+    name = f"ctx-{uuid.uuid4().hex[:8]}.gguf"
+    response = _upload(http, name, small_gguf([*kvs, kv("llama.context_length", vtype, context_length)]))
+    assert response.status_code == 400, response.text
+    assert "context length" in response.json()["error"]
     assert not (settings.MODELS_DIR / name).exists()
     assert not RegisteredModel.objects.filter(id=name.removesuffix(".gguf")).exists()
     assert _leftover_parts() == []

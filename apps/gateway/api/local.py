@@ -11,13 +11,13 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework.exceptions import ParseError
-from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.gateway.errors import OpenAIError
 from apps.gateway.inference import generate_answer
 from apps.models.selectors import model_get_by_name
+from llmplatform.api_input import JSONParser
 from llmplatform.errors import ApplicationError
 
 

@@ -1,12 +1,15 @@
 from rest_framework import serializers
 
 from apps.gateway.models import ApiKey, RequestLog
+from apps.gateway.services import API_KEY_MAX_LIFETIME
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
     user = serializers.SlugRelatedField(slug_field="username", read_only=True)
     expires_in = serializers.IntegerField(write_only=True, required=False, min_value=1,
-                                          help_text="Seconds until the key expires; omit for no expiry.")
+                                          max_value=int(API_KEY_MAX_LIFETIME.total_seconds()),
+                                          help_text="Seconds until the key expires (at most 100 years); "
+                                                    "omit for no expiry.")
 
     class Meta:
         model = ApiKey

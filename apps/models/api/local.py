@@ -15,7 +15,7 @@ from pathlib import Path
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework.exceptions import ParseError
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -24,7 +24,6 @@ from apps.models.selectors import model_file_names, model_get_by_name, model_lis
 from apps.models.services import (
     FILE_FIELD,
     GGUFUploadHandler,
-    ModelError,
     model_delete,
     model_path,
     model_register_external,
@@ -33,6 +32,7 @@ from apps.models.services import (
     model_unload_everywhere,
 )
 from apps.nodes.selectors import node_list_live
+from llmplatform.api_input import JSONParser
 
 logger = logging.getLogger(__name__)
 
@@ -152,13 +152,7 @@ class ModelDeleteView(APIView):
         if model is None:
             return _error("Model not found", 404)
         filename = model.file_name or model.id
-        try:
-            model_delete(model=model)
-        except ModelError:  # 400: the bundled model
-            raise
-        except Exception as exc:
-            logger.exception("deleting %s failed", filename)
-            return _error(f"Failed to delete model: {exc}", 500)
+        model_delete(model=model)  # ModelError 400 for the bundled model; 503 when Redis does not answer
         return Response({"message": "Model deleted successfully", "filename": filename,
                          "remaining_models": model_list_active().count()})
 
@@ -178,11 +172,7 @@ class ModelsSyncView(APIView):
 class CacheClearView(APIView):
     @extend_schema(summary="Unload every model from every live node's memory", request=None, responses={200: dict})
     def post(self, request):
-        try:
-            nodes = model_unload_everywhere(model_ids=None)
-        except Exception as exc:
-            logger.exception("cache clear failed")
-            return _error(f"Failed to clear cache: {exc}", 500)
+        nodes = model_unload_everywhere(model_ids=None)  # 503 when Redis does not answer
         return Response({"message": "Cache cleared successfully", "nodes": nodes})
 
 

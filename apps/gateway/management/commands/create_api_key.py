@@ -3,7 +3,7 @@ from datetime import timedelta
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.gateway.services import api_key_create
+from apps.gateway.services import API_KEY_MAX_LIFETIME, api_key_create
 
 
 class Command(BaseCommand):
@@ -21,8 +21,9 @@ class Command(BaseCommand):
                 owner = get_user_model().objects.get(username=user)
             except get_user_model().DoesNotExist:
                 raise CommandError(f"no user named {user!r}; create it with 'python manage.py createsuperuser'")
-        if expires_in is not None and expires_in <= 0:
-            raise CommandError("--expires-in must be a positive number of seconds")
+        if expires_in is not None and not 0 < expires_in <= API_KEY_MAX_LIFETIME.total_seconds():
+            raise CommandError(f"--expires-in must be a positive number of seconds, at most "
+                               f"{int(API_KEY_MAX_LIFETIME.total_seconds())}")
         try:
             key, raw_key = api_key_create(name=name, user=owner,
                                           expires_in=timedelta(seconds=expires_in) if expires_in else None)
