@@ -153,7 +153,7 @@ def main() -> None:
         try:
             run = streamer(openai.OpenAI(base_url=peer_url, api_key="none", max_retries=0), ours=False)
             run("warm up")
-            tuning[candidate] = summarise(concurrency(run, 1, 3))["aggregate_tokens_per_s"]
+            tuning[candidate] = summarise(concurrency(run, 1, 6))["aggregate_tokens_per_s"]
         finally:
             peer.terminate()
             peer.wait()
