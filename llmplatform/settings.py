@@ -10,7 +10,16 @@ from pathlib import Path
 
 import dj_database_url
 
-from llmplatform.env import ImproperlyConfiguredEnv, env_bool, env_float, env_int, env_list, env_path, env_str
+from llmplatform.env import (
+    ImproperlyConfiguredEnv,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_path,
+    env_str,
+)
 from llmplatform.secret_key import secret_key_resolve
 from workers.protocol import TASK_JOB_REAP
 
@@ -101,9 +110,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
         "max_size": env_int("LLMP_DB_POOL_MAX", 20, minimum=1),
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # WAL lets the gateway read while a worker writes; the timeout rides out short locks.
+    # WAL lets the gateway read while a worker writes; the timeout rides out short locks. IMMEDIATE
+    # transactions take the write lock when they begin, so a transaction that reads and then writes
+    # (get_or_create, update_or_create) waits for that lock instead of failing at once with "database
+    # is locked" when another process committed in between (SQLite cannot upgrade a stale read).
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+         "transaction_mode": "IMMEDIATE"}
     )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -189,6 +202,9 @@ LLMP_FIRST_TOKEN_TIMEOUT = env_float("LLMP_FIRST_TOKEN_TIMEOUT", 600.0, minimum=
 # Longest silence between two events of a running generation before the gateway gives up.
 LLMP_STREAM_IDLE_TIMEOUT = env_float("LLMP_STREAM_IDLE_TIMEOUT", 120.0, minimum=1.0)
 LLMP_REQUEST_LOG_RETENTION_DAYS = env_int("LLMP_REQUEST_LOG_RETENTION_DAYS", 7, minimum=1)
+# What request history keeps of bodies: "full" (as sent and answered), "redacted" (every prompt,
+# message content, input and answer text replaced by its length) or "metadata" (no bodies).
+LLMP_REQUEST_LOG_BODIES = env_choice("LLMP_REQUEST_LOG_BODIES", "full", ("full", "redacted", "metadata"))
 LLMP_DEFAULT_MAX_TOKENS = env_int("LLMP_DEFAULT_MAX_TOKENS", 512, minimum=1)
 # Largest request body the gateway reads (a long chat history is well under this).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("LLMP_MAX_REQUEST_BYTES", 8388608, minimum=1024)  # 8 MiB
