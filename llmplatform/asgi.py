@@ -14,6 +14,10 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmplatform.settings")
 django_asgi_app = get_asgi_application()
 
+from llmplatform.logredact import redact_logs  # noqa: E402
+
+redact_logs()  # after Django's and uvicorn's logging are configured
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402

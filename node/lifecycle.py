@@ -42,6 +42,7 @@ class NodeLifecycle(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._registration: dict = {}
 
     def start(self, worker) -> None:
         from apps.models.services import model_register_bundled
@@ -63,8 +64,10 @@ class NodeLifecycle(bootsteps.StartStopStep):
                     "own_model_cache": bool(settings.LLMP_SERVER_URL)}
         health = selftest.result()
         health_error = _health_log(health)
-        node = node_register(name=node_name(), hostname=socket.gethostname(), gpu_index=gpu_index(), hardware=hardware,
-                             health_error=health_error, health_detail=health.as_dict())
+        # Kept for the heartbeat, which registers the node again if an operator deletes it while it runs.
+        self._registration = {"name": node_name(), "hostname": socket.gethostname(), "gpu_index": gpu_index(),
+                              "hardware": hardware, "health_error": health_error, "health_detail": health.as_dict()}
+        node = node_register(**self._registration)
         logger.info("node %s registered%s, consuming queue %s", node.name, " as UNHEALTHY" if health_error else "",
                     node.queue)
         from apps.jobs.services import job_recover_for_node
@@ -80,7 +83,7 @@ class NodeLifecycle(bootsteps.StartStopStep):
     def _beat(self) -> None:
         """Every LLMP_HEARTBEAT_INTERVAL: mark the node alive and store a metrics sample."""
         from apps.fit.services import measurement_record
-        from apps.nodes.services import node_heartbeat_record
+        from apps.nodes.services import node_heartbeat_record, node_register
         from node.config import gpu_index, loaded_model_ids, node_name, node_pool
         from workers import calibration
         from workers.metrics import metrics_sample
@@ -91,8 +94,11 @@ class NodeLifecycle(bootsteps.StartStopStep):
                 close_old_connections()
                 loaded = loaded_model_ids()
                 sample = metrics_sample(requests_in_flight=node_pool().in_flight(), gpu_index=gpu_index())
-                node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample,
-                                      runners={"runners": node_pool().runners(), "exits": node_pool().exits})
+                recorded = node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample,
+                                                 runners={"runners": node_pool().runners(), "exits": node_pool().exits})
+                if not recorded:
+                    logger.warning("node %s was deleted while its worker runs; registering it again", node_name())
+                    node_register(**self._registration)
                 for measured in calibration.drain():
                     measurement_record(node_name=node_name(), **measured)
             except Exception:

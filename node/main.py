@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from apps.nodes.models import node_queue_name
     from llmplatform.celery import app
+    from llmplatform.logredact import redact_logs
     from node.lifecycle import NodeLifecycle
 
+    redact_logs()  # blob URLs carry a token
     app.steps["worker"].add(NodeLifecycle)
     queues = [node_queue_name(args.node)]
     if not args.no_default_queue:

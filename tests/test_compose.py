@@ -32,7 +32,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 # (a name mentioned only in a test is not read by the platform).
 _NOT_CODE = {".venv", "venv", ".git", "__pycache__", "node_modules", "data", "tests", "bench"}  # bench: not in the image
 _ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
-_ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_list", "env_path"}
+_ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_list", "env_path", "env_choice"}
 
 
 @cache
@@ -392,7 +392,7 @@ def test_env_example_values_are_the_defaults_the_code_uses(monkeypatch):
             if name not in env_example() or not env_example()[name][1]:
                 continue
             try:
-                default = ast.literal_eval(node.args[1])
+                default, *more = [ast.literal_eval(arg) for arg in node.args[1:]]  # env_choice: its choices
                 kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
             except ValueError:
                 continue  # computed default: such lines are commented out in .env.example
@@ -400,7 +400,7 @@ def test_env_example_values_are_the_defaults_the_code_uses(monkeypatch):
             value = env_example()[name][0]
             if isinstance(func, ast.Name) and func.id in _ENV_READERS:
                 monkeypatch.setenv(name, value)
-                got = getattr(env_readers, func.id)(name, default, **kwargs)
+                got = getattr(env_readers, func.id)(name, default, *more, **kwargs)
                 assert got == default, f".env.example sets {name}={value!r}; the code's default is {default!r}"
             elif isinstance(func, ast.Attribute) and func.attr == "get" and ast.unparse(func.value) == "os.environ":
                 assert value == default, f".env.example sets {name}={value!r}; the code's default is {default!r}"

@@ -10,11 +10,56 @@ import asyncio
 import time
 import uuid
 
+from django.conf import settings
 from django.utils import timezone
 
 from apps.gateway.errors import OpenAIError
 from apps.gateway.models import ApiKey, RequestLog, RequestStatus
 from llmplatform.background import spawn
+
+# Fields of a /v1 body that carry what the client wrote: prompts, message contents, inputs.
+_CLIENT_TEXT = ("messages", "prompt", "input")
+
+
+def _length_only(value):
+    """Every string inside ``value`` replaced by its length; the structure (roles, types) kept."""
+    if isinstance(value, str):
+        return f"[{len(value)} characters]"
+    if isinstance(value, list):
+        return [_length_only(item) for item in value]
+    if isinstance(value, dict):
+        return {key: (item if key in ("role", "type", "name") else _length_only(item)) for key, item in value.items()}
+    return value
+
+
+def _kept_request(body):
+    """The request body as ``LLMP_REQUEST_LOG_BODIES`` says history keeps it."""
+    policy = settings.LLMP_REQUEST_LOG_BODIES
+    if policy == "full" or not isinstance(body, dict):
+        return body if policy == "full" else None
+    if policy == "metadata":
+        return {key: value for key, value in body.items() if key not in _CLIENT_TEXT}
+    return {key: (_length_only(value) if key in _CLIENT_TEXT else value) for key, value in body.items()}
+
+
+_ANSWER_TEXT = ("text", "content", "refusal")  # where an answer carries generated text, at any depth
+
+
+def _answer_without_text(value, *, drop: bool):
+    if isinstance(value, list):
+        return [_answer_without_text(item, drop=drop) for item in value]
+    if isinstance(value, dict):
+        return {key: (_length_only(item) if key in _ANSWER_TEXT else _answer_without_text(item, drop=drop))
+                for key, item in value.items() if not (drop and key in _ANSWER_TEXT)}
+    return value
+
+
+def _kept_response(body):
+    """The answer as history keeps it: its text redacted or dropped (error bodies, our own words, stay whole)."""
+    policy = settings.LLMP_REQUEST_LOG_BODIES
+    if policy == "full" or not isinstance(body, dict):
+        return body
+    return _answer_without_text(body, drop=policy == "metadata")
 
 
 class RequestRecord:
@@ -35,6 +80,8 @@ class RequestRecord:
 
     def open(self, **fields) -> None:
         """The request is valid and about to be served: put it on record now."""
+        if "request_body" in fields:
+            fields["request_body"] = _kept_request(fields["request_body"])
         self.fields.update(fields)
         self._insert = spawn(RequestLog.objects.acreate(id=self.id, **self.fields))
 
@@ -50,7 +97,7 @@ class RequestRecord:
         updates = {
             "status": status,
             "status_code": status_code,
-            "response_body": error.body() if error is not None else response_body,
+            "response_body": error.body() if error is not None else _kept_response(response_body),
             "error_code": (error.code or error.type) if error is not None else "",
             "latency_ms": self._ms_since_start(time.perf_counter()),
             "ttft_ms": self._ms_since_start(self.first_token_at) if self.first_token_at else None,

@@ -1,9 +1,10 @@
 """WebSocket: live job events, with replay of what a reconnecting client missed.
 
-Connect to ``/ws/jobs/`` with a session cookie or an API key (``Authorization: Bearer`` header,
-or ``?api_key=`` for browsers, which cannot set headers). Query parameters subscribe at once:
-``job=<id>`` (or ``job=*`` for every job the user may see) and ``last_event_id=<id>``. Or send
-``{"action": "subscribe", "job": "<id>" | "*", "last_event_id": "<id>"}`` and
+Connect to ``/ws/jobs/`` with a session cookie or an API key: an ``Authorization: Bearer`` header,
+or from a browser (which cannot set headers) the subprotocols ``["llmp", "bearer.<key>"]`` (the
+server accepts ``llmp``), or ``?api_key=`` (kept working; it is redacted from every log line).
+Query parameters subscribe at once: ``job=<id>`` (or ``job=*`` for every job the user may see)
+and ``last_event_id=<id>``. Or send ``{"action": "subscribe", "job": "<id>" | "*", "last_event_id": "<id>"}`` and
 ``{"action": "unsubscribe", "job": ...}``. Every message is JSON: an event (``"type": "job.*"``),
 ``{"type": "subscribed", ...}`` or ``{"type": "error", "error": ...}``.
 """
@@ -54,6 +55,10 @@ def _user_for_key(raw_key: str):
     return async_to_sync(api_key_user)(raw_key=raw_key)
 
 
+SUBPROTOCOL = "llmp"  # what the server accepts when a browser sends its key as a subprotocol
+BEARER_SUBPROTOCOL = "bearer."  # "bearer.<key>": the key, offered beside "llmp" and never echoed back
+
+
 class JobEventsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.user = await self._authenticate()
@@ -62,7 +67,7 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
             return
         self.subscriptions: dict[str, str] = {}  # job id or "*" -> its group
         self.last_seen: dict[str, tuple[int, int]] = {}  # job id -> last event id sent
-        await self.accept()
+        await self.accept(SUBPROTOCOL if SUBPROTOCOL in (self.scope.get("subprotocols") or []) else None)
         query = parse_qs(self.scope.get("query_string", b"").decode())
         if "job" in query:
             await self._subscribe(query["job"][0], (query.get("last_event_id") or [""])[0])
@@ -74,7 +79,9 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
         headers = dict(self.scope.get("headers") or [])
         scheme, _, raw_key = headers.get(b"authorization", b"").decode(errors="replace").partition(" ")
         if scheme.lower() != "bearer":
-            raw_key = (parse_qs(self.scope.get("query_string", b"").decode()).get("api_key") or [""])[0]
+            offered = [p for p in self.scope.get("subprotocols") or [] if p.startswith(BEARER_SUBPROTOCOL)]
+            raw_key = offered[0][len(BEARER_SUBPROTOCOL):] if offered else (
+                parse_qs(self.scope.get("query_string", b"").decode()).get("api_key") or [""])[0]
         return await _user_for_key(raw_key.strip()) if raw_key.strip() else None
 
     async def disconnect(self, code) -> None:

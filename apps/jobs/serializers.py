@@ -7,8 +7,8 @@ from apps.jobs.models import Job
 # quantize). It lives beside the app's selectors, not in its api/, because other apps' APIs return jobs too
 # (and one app never imports another's api/: see pyproject.toml).
 class JobSerializer(serializers.ModelSerializer):
-    node = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    node = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     progress_fraction = serializers.FloatField(read_only=True, allow_null=True)
     events_url = serializers.SerializerMethodField()
 

@@ -47,10 +47,10 @@ def node_register(*, name: str, hostname: str, gpu_index: int | None, hardware: 
 
 
 def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict | None = None,
-                          runners: dict | None = None) -> None:
+                          runners: dict | None = None) -> bool:
     """Mark a node alive now with the models it holds in memory (and its runners), and store its metrics sample.
 
-    Re-creates nothing: a node deleted by an operator stays deleted until its worker restarts.
+    Returns False when there is no such node (an operator deleted it): its worker registers it again.
     """
     now = timezone.now()
     node_id = Node.objects.filter(name=name).values_list("pk", flat=True).first()
@@ -58,13 +58,14 @@ def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict 
     if runners is not None:
         fields["runners"] = runners
     if node_id is None or not Node.objects.filter(pk=node_id).update(**fields):
-        return
+        return False
     if metrics is not None:
         gpus = [gpu for gpu in metrics.get("gpus") or [] if isinstance(gpu, dict)]
         NodeMetric.objects.create(
             node_id=node_id, recorded_at=now, cpu_pct=metrics.get("cpu_pct"),
             ram_used_bytes=metrics.get("ram_used_bytes"), ram_available_bytes=metrics.get("ram_available_bytes"),
             requests_in_flight=metrics.get("requests_in_flight") or 0, loaded_models=loaded_models, gpus=gpus)
+    return True
 
 
 def node_mark_offline(*, name: str) -> None:

@@ -154,3 +154,13 @@ def test_the_openapi_schema_is_valid_and_complete():
     from django.core.management import call_command
 
     call_command("spectacular", "--validate", "--fail-on-warn", stdout=io.StringIO())
+
+
+def test_the_schema_says_which_related_fields_can_be_null():
+    """A key without a user, a request without a key, a job before a node takes it: null in the JSON."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    components = SchemaGenerator().get_schema(request=None, public=True)["components"]["schemas"]
+    for component, field in (("ApiKey", "user"), ("RequestLog", "user"), ("RequestLog", "api_key"),
+                             ("Job", "node"), ("Job", "created_by")):
+        assert components[component]["properties"][field].get("nullable") is True, (component, field)

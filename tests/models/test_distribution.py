@@ -116,5 +116,9 @@ def test_node_cache_errors_are_clear(http, platform, model_id):
     shared = http.delete(f"/api/v1/nodes/{platform.node}/cache/{model_id}")
     assert shared.status_code in (400, 404)
     assert http.post(f"/api/v1/nodes/{platform.node}/cache/unload", json={"models": "all"}).status_code == 400
+    for not_an_object in (b'["%s"]' % model_id.encode(), b'"everything"', b"7", b"null"):  # never "unload all"
+        refused = http.post(f"/api/v1/nodes/{platform.node}/cache/unload", content=not_an_object,
+                            headers={"Content-Type": "application/json"})
+        assert refused.status_code == 400 and "JSON object" in refused.json()["error"], not_an_object
     unload = http.post(f"/api/v1/nodes/{platform.node}/cache/unload", json={"models": [model_id]})
     assert unload.status_code == 202 and unload.json()["models"] == [model_id]

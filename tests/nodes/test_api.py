@@ -117,3 +117,15 @@ def test_deleting_a_node_removes_it_with_its_metrics(staff, make_node):
     assert staff.delete(f"/api/v1/nodes/{node.name}/").status_code == 204
     assert staff.get(f"/api/v1/nodes/{node.id}/").status_code == 404
     assert not NodeMetric.objects.filter(node_id=node.id).exists()
+
+
+def test_a_live_node_that_is_deleted_comes_back_with_its_next_heartbeat(staff, platform):
+    from llmplatform import devstack
+
+    before = Node.objects.get(name=platform.node)
+    assert staff.delete(f"/api/v1/nodes/{platform.node}/").status_code == 204
+    devstack.wait_until(lambda: Node.objects.filter(name=platform.node).exists(), timeout=10,
+                        what="the worker to register its node again")
+    back = Node.objects.get(name=platform.node)
+    assert back.pk != before.pk and back.hardware == before.hardware and back.queue == before.queue
+    assert staff.get(f"/api/v1/nodes/{platform.node}/").json()["status"] == "online"

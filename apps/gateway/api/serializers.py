@@ -5,7 +5,7 @@ from apps.gateway.services import API_KEY_MAX_LIFETIME
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
-    user = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    user = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     expires_in = serializers.IntegerField(write_only=True, required=False, min_value=1,
                                           max_value=int(API_KEY_MAX_LIFETIME.total_seconds()),
                                           help_text="Seconds until the key expires (at most 100 years); "
@@ -26,8 +26,8 @@ class NewApiKeySerializer(ApiKeySerializer):
 
 
 class RequestLogSerializer(serializers.ModelSerializer):
-    api_key = serializers.SlugRelatedField(slug_field="prefix", read_only=True)
-    user = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    api_key = serializers.SlugRelatedField(slug_field="prefix", read_only=True, allow_null=True)
+    user = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = RequestLog

@@ -134,7 +134,10 @@ class NodeCacheUnloadView(APIView):
         found = node_get(ref=node)
         if found is None:
             return _error(f"Node {node!r} not found", 404)
-        models = request.data.get("models") if isinstance(request.data, dict) else None
+        if not isinstance(request.data, dict):  # a list or a bare value is a mistake, never "unload everything"
+            return _error('The body must be a JSON object such as {"models": ["model-id"]}, or empty to unload '
+                          "every model", 400)
+        models = request.data.get("models")
         if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
             return _error("models must be a list of model ids", 400)
         node_models_unload(node=found, model_ids=models)
