@@ -79,104 +79,14 @@ def decode(fields: dict) -> tuple[str, dict[str, Any]]:
     return event, json.loads(data)
 
 
-class RequestCancelled(Exception):
-    """The client went away; the worker stops generating for it."""
-
-
-class RequestStream:
-    """The worker's side of one request's stream (synchronous Redis client).
-
-    Tokens are handed to a writer thread, so the token loop never waits on Redis: while the
-    model computes the next token, the writer appends what is pending in one pipelined round
-    trip and, in the same round trip, learns whether the client has left. Every event goes
-    through the same writer, so the order of events is the order of the calls.
-    """
-
-    _STOP = object()
-
-    def __init__(self, redis, prefix: str, request_id: str) -> None:
-        self._redis = redis
-        self._key = stream_key(prefix, request_id)
-        self._cancel_key = cancel_key(prefix, request_id)
-        self.tokens_emitted = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancelled = threading.Event()
-        self._failure: BaseException | None = None
-        self._writer: threading.Thread | None = None
-
-    def cancelled(self) -> bool:
-        if not self._cancelled.is_set() and self._redis.exists(self._cancel_key):
-            self._cancelled.set()
-        return self._cancelled.is_set()
-
-    def _append(self, entries: list[dict[str, str]]) -> None:
-        """Append entries, refresh the expiry and look for the cancel flag: one round trip."""
-        pipe = self._redis.pipeline(transaction=False)
-        for fields in entries:
-            pipe.xadd(self._key, fields)
-        pipe.expire(self._key, STREAM_TTL_SECONDS)
-        pipe.exists(self._cancel_key)
-        if pipe.execute()[-1]:
-            self._cancelled.set()
-
-    def emit_token(self, text: str) -> None:
-        """Queue one token; raises RequestCancelled once the writer has seen the client leave."""
-        self._raise_pending()
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name=f"stream-{self._key}", daemon=True)
-            self._writer.start()
-        self._queue.put(encode(EVENT_TOKEN, {"text": text}))
-        self.tokens_emitted += 1
-
-    def emit(self, event: str, data: dict[str, Any]) -> bool:
-        """Append one event after every token queued before it, and wait until it is written.
-
-        Returns whether the client had left by then (learned in the same round trip).
-        """
-        self._drain()
-        self._append([encode(event, data)])
-        return self._cancelled.is_set()
-
-    def close(self) -> None:
-        """Stop the writer once it has written everything queued."""
-        self._drain()
-
-    def _drain(self) -> None:
-        if self._writer is not None:
-            self._queue.put(self._STOP)
-            self._writer.join()
-            self._writer = None
-        self._raise_failure()
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
-
-    def _raise_pending(self) -> None:
-        self._raise_failure()
-        if self._cancelled.is_set():
-            raise RequestCancelled()
-
-    def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is self._STOP:
-                batch.pop()
-                stop = True
-            if not batch:
-                continue
-            try:
-                self._append(batch)
-            except BaseException as exc:  # surfaced to the token loop on its next call
-                self._failure = exc
-                return
+def request_event_append(redis, prefix: str, request_id: str, event: str, data: dict[str, Any]) -> None:
+    """Append one event to a request's stream and refresh its expiry, in one round trip: for what ends a
+    request outside a runner (a message no worker can read, a runner that died under it)."""
+    key = stream_key(prefix, request_id)
+    pipe = redis.pipeline(transaction=False)
+    pipe.xadd(key, encode(event, data))
+    pipe.expire(key, STREAM_TTL_SECONDS)
+    pipe.execute()
 
 
 class StreamHub:

@@ -109,6 +109,4 @@ def request_submit(request: InferenceRequest, *, config: NodeConfig, redis, pool
 
 
 def _end_with(request_id: str, error: InferenceError, *, config: NodeConfig, redis) -> None:
-    stream = protocol.RequestStream(redis, config.redis_prefix, request_id)
-    stream.emit(protocol.EVENT_ERROR, error.as_event())
-    stream.close()
+    protocol.request_event_append(redis, config.redis_prefix, request_id, protocol.EVENT_ERROR, error.as_event())

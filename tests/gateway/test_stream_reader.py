@@ -25,8 +25,24 @@ def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
-def _stream(request_id: str) -> protocol.RequestStream:
-    return protocol.RequestStream(_redis(), settings.LLMP_REDIS_PREFIX, request_id)
+class _Writer:
+    """Writes a request's events in the wire's format, one entry per call (what the reader reads)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def emit(self, event: str, data: dict) -> None:
+        protocol.request_event_append(_redis(), settings.LLMP_REDIS_PREFIX, self.request_id, event, data)
+
+    def emit_token(self, text: str) -> None:
+        self.emit(protocol.EVENT_TOKEN, {"text": text})
+
+    def close(self) -> None:
+        pass
+
+
+def _stream(request_id: str) -> _Writer:
+    return _Writer(request_id)
 
 
 def _live_node() -> str:
@@ -145,8 +161,7 @@ def test_a_redis_that_goes_away_fails_the_waiting_requests_with_broker_unavailab
         failures = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout=60)
         servers.append(await asyncio.to_thread(start))
         request_id = uuid.uuid4().hex
-        writer = protocol.RequestStream(redis.Redis.from_url(settings.REDIS_URL), settings.LLMP_REDIS_PREFIX,
-                                        request_id)
+        writer = _stream(request_id)
         writer.emit(protocol.EVENT_START, {"node": node})
         writer.emit(protocol.EVENT_DONE, {"finish_reason": "stop", "usage": {}})
         after = await asyncio.wait_for(_read_all(request_id, node), timeout=30)

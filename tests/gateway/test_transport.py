@@ -17,8 +17,14 @@ from apps.nodes.services import node_register
 from workers import protocol
 
 
-def _stream(request_id: str) -> protocol.RequestStream:
-    return protocol.RequestStream(redis.Redis.from_url(settings.REDIS_URL), settings.LLMP_REDIS_PREFIX, request_id)
+def _hub() -> protocol.StreamHub:
+    """The runners' writer, as a runner process has it."""
+    return protocol.StreamHub(redis.Redis.from_url(settings.REDIS_URL), settings.LLMP_REDIS_PREFIX)
+
+
+def _append(request_id: str, event: str, data: dict) -> None:
+    protocol.request_event_append(redis.Redis.from_url(settings.REDIS_URL), settings.LLMP_REDIS_PREFIX, request_id,
+                                  event, data)
 
 
 async def _read_all(request_id: str, node: str) -> list[tuple[str, dict]]:
@@ -36,12 +42,14 @@ def _live_node() -> str:
 
 def test_a_reader_that_starts_late_gets_every_token_once_and_in_order():
     request_id = uuid.uuid4().hex
-    writer = _stream(request_id)
+    hub = _hub()
+    writer = hub.open(request_id)
     writer.emit(protocol.EVENT_START, {"node": "n"})
     pieces = [f"<{i}>" for i in range(500)]
     for piece in pieces:
-        writer.emit_token(piece)
-    writer.emit(protocol.EVENT_DONE, {"finish_reason": "length", "usage": {}})
+        writer.token(piece)
+    writer.emit(protocol.EVENT_DONE, {"finish_reason": "length", "usage": {}}, final=True)
+    hub.flush()
     events = asyncio.run(_read_all(request_id, _live_node()))
     assert [data["text"] for event, data in events if event == protocol.EVENT_TOKEN] == pieces
     assert [event for event, _ in events][0] == protocol.EVENT_START
@@ -55,11 +63,13 @@ def test_a_reader_keeps_up_with_a_writer_in_another_thread():
 
     async def scenario():
         def write():
-            writer = _stream(request_id)
+            hub = _hub()
+            writer = hub.open(request_id)
             writer.emit(protocol.EVENT_START, {"node": "n"})
             for piece in pieces:
-                writer.emit_token(piece)
-            writer.emit(protocol.EVENT_DONE, {"finish_reason": "stop", "usage": {}})
+                writer.token(piece)
+            writer.emit(protocol.EVENT_DONE, {"finish_reason": "stop", "usage": {}}, final=True)
+            hub.flush()
 
         reading = asyncio.create_task(_read_all(request_id, node))
         await asyncio.to_thread(write)
@@ -69,16 +79,17 @@ def test_a_reader_keeps_up_with_a_writer_in_another_thread():
     assert [d["text"] for e, d in events if e == protocol.EVENT_TOKEN] == pieces
 
 
-def test_the_token_writer_learns_of_a_cancel_and_stops_the_token_loop():
+def test_the_token_writer_learns_of_a_cancel_in_the_round_trip_that_appends_tokens():
     request_id = uuid.uuid4().hex
-    writer = _stream(request_id)
-    writer.emit_token("a")
-    writer.close()
+    hub = _hub()
+    writer = hub.open(request_id)
+    writer.token("a")
+    hub.flush()
+    assert not writer.cancel_seen
     redis.Redis.from_url(settings.REDIS_URL).set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1)
-    writer.emit_token("b")  # queued before the writer has looked: accepted
-    writer.close()  # the writer appends "b" and sees the cancel flag in the same round trip
-    with pytest.raises(protocol.RequestCancelled):
-        writer.emit_token("c")
+    writer.token("b")  # queued before the writer has looked: appended
+    hub.flush()  # the writer appends "b" and sees the cancel flag in the same round trip
+    assert writer.cancel_seen
     texts = [protocol.decode(f)[1].get("text") for _, f in redis.Redis.from_url(settings.REDIS_URL).xrange(
         protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id))]
     assert texts == ["a", "b"]
@@ -87,7 +98,10 @@ def test_the_token_writer_learns_of_a_cancel_and_stops_the_token_loop():
 def test_a_request_cancelled_before_it_starts_is_seen_at_once():
     request_id = uuid.uuid4().hex
     redis.Redis.from_url(settings.REDIS_URL).set(protocol.cancel_key(settings.LLMP_REDIS_PREFIX, request_id), 1)
-    assert _stream(request_id).cancelled()
+    hub = _hub()
+    writer = hub.open(request_id)
+    hub.flush()  # the writer's first round, before any event: it reads the flag of every open request
+    assert writer.cancel_seen
 
 
 def test_a_node_that_stops_heartbeating_fails_the_request_at_once(settings):
@@ -97,7 +111,7 @@ def test_a_node_that_stops_heartbeating_fails_the_request_at_once(settings):
 
     Node.objects.filter(name=node).update(last_heartbeat=timezone.now() - timedelta(hours=1))
     request_id = uuid.uuid4().hex
-    _stream(request_id).emit(protocol.EVENT_START, {"node": node})
+    _append(request_id, protocol.EVENT_START, {"node": node})
     with pytest.raises(OpenAIError) as caught:
         asyncio.run(_read_all(request_id, node))
     assert caught.value.status == 503 and caught.value.code == "worker_lost"

@@ -268,7 +268,9 @@ class RunnerPool:
             if self._runners.get(handle.model_id) is handle:
                 del self._runners[handle.model_id]
             lost, retry = sorted(handle.started), {**handle.unsent, **handle.pending}
-            handle.started.clear(), handle.unsent.clear(), handle.pending.clear()
+            handle.started.clear()
+            handle.unsent.clear()
+            handle.pending.clear()
             if not expected:
                 logger.error("runner %d of model %s died after %.0fs: %s; %d requests lost, %d handed on",
                              handle.proc.pid, handle.model_id, time.monotonic() - handle.started_at, how,
@@ -299,8 +301,7 @@ class RunnerPool:
             pass
 
     def _fail(self, request_id: str, error: dict) -> None:
-        stream = protocol.RequestStream(self._redis, self._prefix, request_id)
         try:
-            stream.emit(protocol.EVENT_ERROR, error)
+            protocol.request_event_append(self._redis, self._prefix, request_id, protocol.EVENT_ERROR, error)
         except Exception:
             logger.exception("could not fail request %s", request_id)
