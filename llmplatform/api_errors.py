@@ -11,6 +11,7 @@ import logging
 
 from django.http import JsonResponse
 from django.views import defaults
+from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import exception_handler, set_rollback
 
@@ -57,3 +58,11 @@ def not_found(request, exception):
     if request.path.startswith("/api/"):
         return JsonResponse({"error": f"Not found: {request.method} {request.path}"}, status=404)
     return defaults.page_not_found(request, exception)
+
+
+class ApiErrorSerializer(serializers.Serializer):
+    """The management API's error body, for the OpenAPI schema (``llmplatform.api_schema``)."""
+
+    error = serializers.CharField(help_text="What went wrong, in one sentence.")
+    detail = serializers.JSONField(required=False, help_text="The messages per field of a refused body or query.")
+    code = serializers.CharField(required=False, help_text="A machine-readable name, e.g. broker_unavailable.")

@@ -208,6 +208,14 @@ LLMP_REQUEST_LOG_BODIES = env_choice("LLMP_REQUEST_LOG_BODIES", "full", ("full",
 LLMP_DEFAULT_MAX_TOKENS = env_int("LLMP_DEFAULT_MAX_TOKENS", 512, minimum=1)
 # Largest request body the gateway reads (a long chat history is well under this).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("LLMP_MAX_REQUEST_BYTES", 8388608, minimum=1024)  # 8 MiB
+# The ASGI guard (llmplatform.request_guard): the largest body of a management API or admin request
+# other than a model upload; how long each piece of a request body may take to arrive (else 408); and
+# how many refused API keys one client address may send within LLMP_AUTH_FAILURE_WINDOW seconds before
+# it gets 429 until the window ends (0: no limit).
+LLMP_API_MAX_REQUEST_BYTES = env_int("LLMP_API_MAX_REQUEST_BYTES", 1048576, minimum=1024)  # 1 MiB
+LLMP_BODY_RECEIVE_TIMEOUT = env_float("LLMP_BODY_RECEIVE_TIMEOUT", 30.0, minimum=0.1)
+LLMP_AUTH_FAILURE_LIMIT = env_int("LLMP_AUTH_FAILURE_LIMIT", 20, minimum=0)
+LLMP_AUTH_FAILURE_WINDOW = env_int("LLMP_AUTH_FAILURE_WINDOW", 60, minimum=1)
 LLMP_DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 
 # External models (apps.gateway.upstream): where their upstream API keys' encryption key comes
@@ -232,6 +240,8 @@ LLMP_GENERATE_TEMPERATURE = env_float("LLMP_GENERATE_TEMPERATURE", 0.6, minimum=
 LLMP_CHECKPOINTS_DIR = env_path("LLMP_CHECKPOINTS_DIR", DATA_DIR / "checkpoints")
 # Largest model file an upload may carry (default 10 GiB).
 LLMP_UPLOAD_MAX_BYTES = env_int("LLMP_UPLOAD_MAX_BYTES", 10737418240, minimum=1024)
+# Non-staff users may upload models (and delete their own uploads); off: uploads are for staff.
+LLMP_USERS_MAY_UPLOAD = env_bool("LLMP_USERS_MAY_UPLOAD", False)
 
 # Worker model pool (read by workers/, passed in as plain values).
 LLMP_POOL_MAX_MODELS = env_int("LLMP_POOL_MAX_MODELS", 2, minimum=1)
@@ -246,6 +256,11 @@ LLMP_N_THREADS = env_int("LLMP_N_THREADS", 0, minimum=0)  # 0: every CPU the wor
 LLMP_WORKER_CONCURRENCY = env_int("LLMP_WORKER_CONCURRENCY", 4, minimum=1)
 # Seconds the start-up test decode (workers/selftest.py) may take before the node counts as unhealthy.
 LLMP_SELFTEST_TIMEOUT = env_float("LLMP_SELFTEST_TIMEOUT", 120.0, minimum=1.0)
+# A new model file is loaded once in a limited child process before it is registered (workers/trial_load.py):
+# seconds it may take (plus one per 100 MB of file), and MiB of address space it may add besides twice the
+# file (on top of the interpreter and llama.cpp's libraries).
+LLMP_TRIAL_LOAD_TIMEOUT = env_float("LLMP_TRIAL_LOAD_TIMEOUT", 60.0, minimum=1.0)
+LLMP_TRIAL_LOAD_MEMORY_MB = env_int("LLMP_TRIAL_LOAD_MEMORY_MB", 1024, minimum=64)
 
 # --- DRF ---------------------------------------------------------------------------------
 # What checks a bearer API key for llmplatform.authentication (the keys are the gateway's).
@@ -264,7 +279,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PAGINATION_CLASS": "llmplatform.api_input.BoundedLimitOffsetPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "llmplatform.api_schema.ManagementAutoSchema",
     "EXCEPTION_HANDLER": "llmplatform.api_errors.management_exception_handler",
 }
 

@@ -17,9 +17,10 @@ from django.conf import settings
 
 from workers import calibration
 from workers.engine.memory import runner_memory_estimate
-from workers.engine.supervisor import RunnerPool
+from workers.engine.supervisor import LoadFailure, RunnerPool
+from workers.generation import InferenceError
 from workers.liveness import WorkerLiveness
-from workers.runner import NodeConfig, runner_config
+from workers.runner import NodeConfig, model_path, runner_config
 
 
 def node_name() -> str:
@@ -113,13 +114,63 @@ def node_pool() -> RunnerPool:
         if tokens >= 8 and decode_ms > 0:
             calibration.speed_measured(handle.model_id, (tokens - 1) / (decode_ms / 1000))
 
+    def load_failed(failure: LoadFailure) -> None:  # on the node's copy: the gateway sends the model elsewhere
+        from django.db import close_old_connections, connection
+
+        from apps.models.services import model_load_failure_record
+
+        close_old_connections()
+        try:
+            model_load_failure_record(model_id=failure.model_id, node_name=config.name, error=failure.reason,
+                                      file=failure.file)
+        finally:
+            connection.close()  # called on a runner's watcher thread, which ends with the runner
+
+    def load_still_failed(model_id: str) -> bool:  # False once an operator cleared the mark
+        from apps.models.selectors import model_load_failure_marked
+
+        return model_load_failure_marked(model_id=model_id, node_name=config.name)
+
     return RunnerPool(runner_config=make, size_of=size_of, redis=node_redis(), redis_prefix=config.redis_prefix,
                       max_models=settings.LLMP_POOL_MAX_MODELS, memory_budget_bytes=budget_mb << 20,
-                      on_ready=ready, on_ended=ended)
+                      on_ready=ready, on_ended=ended, on_load_failed=load_failed, load_still_failed=load_still_failed)
+
+
+def load_failures_restore() -> int:
+    """Give this worker's pool the load failures recorded for its node before it started; returns how many."""
+    from apps.models.selectors import model_load_failures_of_node
+
+    config = node_config()
+    failures = []
+    for copy in model_load_failures_of_node(node_name=config.name):
+        try:
+            path = model_path(copy.model.worker_spec(), config.models_dir)
+        except InferenceError:  # the bundled model is not installed: nothing to retry
+            continue
+        file = {k: copy.load_failed_file[k] for k in ("size", "mtime_ns") if k in copy.load_failed_file}
+        failures.append(LoadFailure(model_id=copy.model_id, path=str(path), node=config.name, reason=copy.load_error,
+                                    file=file))
+    node_pool().load_failures_restore(failures)
+    return len(failures)
+
+
+def load_failures_recheck() -> list[str]:
+    """Clear the records of this node's load failures whose file has changed since; returns their models."""
+    from apps.models.services import model_load_failure_clear
+
+    changed = node_pool().load_failures_changed()
+    for index, failure in enumerate(changed):
+        try:
+            model_load_failure_clear(model_id=failure.model_id, node_name=node_config().name)
+        except Exception:
+            node_pool().load_failures_restore(changed[index:])  # still changed: the next heartbeat tries again
+            raise
+    return [failure.model_id for failure in changed]
 
 
 def loaded_model_ids() -> list[str]:
     return node_pool().loaded()
 
 
-__all__ = ["node_config", "node_liveness", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids"]
+__all__ = ["node_config", "node_liveness", "node_pool", "node_redis", "node_name", "gpu_index", "loaded_model_ids",
+           "load_failures_recheck", "load_failures_restore"]

@@ -71,9 +71,13 @@ class NodeLifecycle(bootsteps.StartStopStep):
         logger.info("node %s registered%s, consuming queue %s", node.name, " as UNHEALTHY" if health_error else "",
                     node.queue)
         from apps.jobs.services import job_recover_for_node
+        from node.config import load_failures_restore
 
         if recovered := job_recover_for_node(node=node):
             logger.info("redelivered %d job(s) this node was running when it last stopped", recovered)
+        if failed := load_failures_restore():
+            logger.warning("%d model(s) failed to load on this node before and stay off it until their file changes "
+                           "or the mark is cleared", failed)
         self._thread = threading.Thread(target=self._beat, name="node-heartbeat", daemon=True)
         self._thread.start()
         # Before the consumer starts (it is the last step): no request runs before the gateway can see it.
@@ -84,7 +88,7 @@ class NodeLifecycle(bootsteps.StartStopStep):
         """Every LLMP_HEARTBEAT_INTERVAL: mark the node alive and store a metrics sample."""
         from apps.fit.services import measurement_record
         from apps.nodes.services import node_heartbeat_record, node_register
-        from node.config import gpu_index, loaded_model_ids, node_name, node_pool
+        from node.config import gpu_index, load_failures_recheck, loaded_model_ids, node_name, node_pool
         from workers import calibration
         from workers.metrics import metrics_sample
 
@@ -101,6 +105,7 @@ class NodeLifecycle(bootsteps.StartStopStep):
                     node_register(**self._registration)
                 for measured in calibration.drain():
                     measurement_record(node_name=node_name(), **measured)
+                load_failures_recheck()  # a model that failed to load here, with a new file since: try it again
             except Exception:
                 logger.exception("heartbeat failed; retrying in %ss", settings.LLMP_HEARTBEAT_INTERVAL)
 

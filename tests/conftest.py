@@ -77,12 +77,14 @@ def platform(django_db_setup, tmp_path_factory) -> devstack.Stack:
 
 @pytest.fixture(scope="session")
 def api_key(django_db_setup, django_db_blocker) -> str:
+    """The operator's key: a staff user's, since model, job, node and cache writes are for staff.
+    What other callers may do is tests/test_permissions.py's subject."""
     from django.contrib.auth import get_user_model
 
     from apps.gateway.services import api_key_create
 
     with django_db_blocker.unblock():
-        user = get_user_model().objects.create_user(f"client-{_RUN}", password=uuid.uuid4().hex)
+        user = get_user_model().objects.create_user(f"client-{_RUN}", password=uuid.uuid4().hex, is_staff=True)
         _, raw_key = api_key_create(name="test session key", user=user)
     return raw_key
 

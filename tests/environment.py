@@ -16,3 +16,7 @@ os.environ.setdefault("LLMP_N_CTX", "2048")
 os.environ.setdefault("LLMP_UPLOAD_MAX_BYTES", str(150 * 1024 * 1024))  # the bundled model (98 MB) fits
 os.environ.setdefault("LLMP_JOB_LEASE_SECONDS", "3")
 os.environ.setdefault("LLMP_JOB_PROGRESS_INTERVAL", "0.2")
+os.environ.setdefault("LLMP_BODY_RECEIVE_TIMEOUT", "5")  # a body that stalls fails its test in seconds
+# Every test connects from 127.0.0.1: refused keys there must not lock the others out (tests/test_request_guard.py
+# runs a server with a low limit of its own).
+os.environ.setdefault("LLMP_AUTH_FAILURE_LIMIT", "1000000")

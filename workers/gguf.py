@@ -50,6 +50,32 @@ MAX_DIMS = 4
 #: Arrays of arrays: the format allows them, nothing real nests them deeper than this.
 MAX_ARRAY_DEPTH = 4
 
+# --- Hyperparameter bounds (``summarize`` checks them). llama.cpp checks some of these with
+# GGML_ASSERT, which aborts the process that loads the file instead of failing the load; the
+# rest are sane ranges, several times the largest real value (in brackets), that keep every
+# size llama.cpp derives from them (tensor shapes, KV cache) far inside int64. The sources are
+# llama-cpp-python 0.3.36's vendored llama.cpp: src/llama-hparams.h and llama_model_base::
+# load_hparams in src/llama-model.cpp. ---
+#: Layers (block_count): LLAMA_MAX_LAYERS, src/llama-hparams.h; load_hparams asserts
+#: 0 < n_layer <= LLAMA_MAX_LAYERS (and nextn_predict_layers <= n_layer).
+MAX_BLOCK_COUNT = 512
+#: Experts (expert_count): LLAMA_MAX_EXPERTS, src/llama-hparams.h ("1024 // Kimi K3"); load_hparams
+#: asserts n_expert <= LLAMA_MAX_EXPERTS, 0 < expert_used_count <= n_expert for a MoE and 0 for a
+#: dense model, and the expert-group rules ``_check_experts`` repeats.
+MAX_EXPERT_COUNT = 1024
+#: Context length, also rope.scaling.original_context_length. [10,485,760: Llama 4 Scout]
+MAX_CONTEXT_LENGTH = 1 << 27
+#: Embedding length. [18,432: Nemotron-4 340B]
+MAX_EMBEDDING_LENGTH = 1 << 16
+#: Attention heads of one layer, and KV heads. [232: Falcon 180B]
+MAX_HEAD_COUNT = 1 << 12
+#: Size of one attention head (key_length, value_length). [576: DeepSeek V3's MLA keys]
+MAX_HEAD_LENGTH = 1 << 13
+#: Feed-forward length of one layer, also expert_feed_forward_length. [59,392: Falcon 180B]
+MAX_FEED_FORWARD_LENGTH = 1 << 19
+#: Vocabulary size (vocab_size, or the tokens array). [262,144: Gemma 3]
+MAX_VOCAB_SIZE = 1 << 22
+
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 GGUF_MAGIC = b"GGUF"
@@ -164,9 +190,16 @@ def summarize(header: GGUFHeader, *, file_size: int) -> dict[str, Any]:
     llama.cpp, key_length and value_length default to embedding_length / head_count. A
     per-layer array (some models vary head counts by layer) is summarised by its maximum,
     which is the safe side for memory estimates.
+
+    Raises GGUFError, naming the key and its value, for a hyperparameter llama.cpp cannot load
+    (see the bounds above): a layer or expert count past llama.cpp's limits, a context length,
+    size or head count out of range, a per-layer array whose length is not the layer count, KV
+    heads that do not divide the heads, sizes whose products overflow int64.
     """
     meta = header.metadata
     arch = _as_str(meta.get("general.architecture"))
+    if arch:
+        _check_hyperparameters(meta, arch)
 
     def arch_int(key: str) -> int | None:
         return _as_int(meta.get(f"{arch}.{key}")) if arch else None
@@ -469,6 +502,161 @@ class _Parser:
                                 f"tensor {previous.name!r}",
                                 offset=data_offset + tensor.offset)
             previous = tensor
+
+
+# --- hyperparameters ---------------------------------------------------------------------------
+
+# Keys that llama.cpp reads with get_key_or_arr(..., n_layer): one number for every layer, or an
+# array of exactly block_count numbers (llama-model-loader.cpp).
+_PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length",
+                   "expert_feed_forward_length", "expert_used_count")
+
+
+def _integer(meta: dict[str, Any], key: str) -> int | None:
+    """A scalar integer hyperparameter; None when absent; GGUFError when it is not an integer."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GGUFError(f"{key} = {_shown(value)} is not an integer")
+    return value
+
+
+def _per_layer(meta: dict[str, Any], key: str, layers: int | None) -> list[int] | None:
+    """A per-layer hyperparameter as one value per layer (a scalar repeated); None when absent."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, array.array):
+        scalar = _integer(meta, key)
+        return [scalar] * (layers or 1)
+    if value.typecode in "fd":
+        raise GGUFError(f"{key} = {_shown(value)} is an array of floats; llama.cpp needs integers")
+    if layers is not None and len(value) != layers:
+        raise GGUFError(f"{key} = {_shown(value)} has {len(value)} per-layer values, but block_count is {layers}")
+    return list(value)
+
+
+def _in_range(key: str, value: int | None, low: int, high: int, what: str, why: str = "") -> None:
+    if value is not None and not low <= value <= high:
+        raise GGUFError(f"{key} = {value}: {what} must be between {low} and {high}{why}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, array.array):
+        items = value.tolist()
+        return repr(items) if len(items) <= 8 else f"[{', '.join(map(str, items[:8]))}, ...] ({len(items)} values)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_hyperparameters(meta: dict[str, Any], arch: str) -> None:
+    """Raise GGUFError for the first ``arch.*`` hyperparameter llama.cpp could not load (module bounds)."""
+    def key(suffix: str) -> str:
+        return f"{arch}.{suffix}"
+
+    layers = _integer(meta, key("block_count"))
+    _in_range(key("block_count"), layers, 1, MAX_BLOCK_COUNT, "the layer count",
+              " (llama.cpp's LLAMA_MAX_LAYERS; it aborts on anything else)")
+    nextn = _integer(meta, key("nextn_predict_layers"))
+    _in_range(key("nextn_predict_layers"), nextn, 0, layers or MAX_BLOCK_COUNT, "the next-token prediction layers",
+              " (at most block_count)")
+    context = _integer(meta, key("context_length"))
+    _in_range(key("context_length"), context, 1, MAX_CONTEXT_LENGTH, "the context length")
+    _in_range(key("rope.scaling.original_context_length"), _integer(meta, key("rope.scaling.original_context_length")),
+              1, MAX_CONTEXT_LENGTH, "the original context length")
+    embedding = _integer(meta, key("embedding_length"))
+    _in_range(key("embedding_length"), embedding, 1, MAX_EMBEDDING_LENGTH, "the embedding length")
+    vocab = _integer(meta, key("vocab_size"))
+    _in_range(key("vocab_size"), vocab, 1, MAX_VOCAB_SIZE, "the vocabulary size")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        _in_range("tokenizer.ggml.tokens", len(tokens), 1, MAX_VOCAB_SIZE, "the number of tokens")
+    _check_experts(meta, key, layers)
+
+    per_layer = {suffix: _per_layer(meta, key(suffix), layers) for suffix in _PER_LAYER_KEYS}
+    for suffix in ("feed_forward_length", "expert_feed_forward_length"):
+        for il, value in enumerate(per_layer[suffix] or ()):
+            _in_range(_layer_key(key(suffix), il, meta), value, 0, MAX_FEED_FORWARD_LENGTH, "a feed-forward length")
+    heads, kv_heads = per_layer["attention.head_count"], per_layer["attention.head_count_kv"]
+    for il, value in enumerate(heads or ()):
+        _in_range(_layer_key(key("attention.head_count"), il, meta), value, 0, MAX_HEAD_COUNT, "a head count")
+    for il, value in enumerate(kv_heads or ()):
+        name = _layer_key(key("attention.head_count_kv"), il, meta)
+        layer_heads = heads[il] if heads is not None and il < len(heads) else None
+        _in_range(name, value, 0, MAX_HEAD_COUNT if layer_heads is None else layer_heads, "a KV head count",
+                  "" if layer_heads is None else f" ({_layer_key(key('attention.head_count'), il, meta)})")
+        if value and layer_heads and layer_heads % value:  # ggml_mul_mat asserts it when attention runs
+            raise GGUFError(f"{name} = {value} does not divide {_layer_key(key('attention.head_count'), il, meta)} "
+                            f"= {layer_heads}: llama.cpp needs a whole number of heads per KV head")
+
+    key_length, value_length = _integer(meta, key("attention.key_length")), _integer(meta, key("attention.value_length"))
+    _in_range(key("attention.key_length"), key_length, 1, MAX_HEAD_LENGTH, "the key length")
+    _in_range(key("attention.value_length"), value_length, 1, MAX_HEAD_LENGTH, "the value length")
+    first_heads = heads[0] if heads else 0
+    if first_heads and embedding and (key_length is None or value_length is None) and embedding % first_heads:
+        # Without recorded head sizes llama.cpp takes embedding_length / head_count (of layer 0).
+        raise GGUFError(f"{key('embedding_length')} = {embedding} is not a multiple of "
+                        f"{_layer_key(key('attention.head_count'), 0, meta)} = {first_heads}, and no "
+                        "attention.key_length and value_length say the head size")
+    head_size = embedding // first_heads if embedding and first_heads else 0
+
+    # Products of the sizes above, as llama.cpp computes them in int64.
+    kv_width = max((kv_heads or heads or [0]), default=0) * ((key_length or head_size) + (value_length or head_size))
+    n_tokens = vocab or (len(tokens) if isinstance(tokens, list) else None)
+    products = [
+        (f"{key('context_length')} × {key('embedding_length')} × {key('block_count')}",
+         [context, embedding, layers]),
+        (f"the F16 KV cache bytes at {key('context_length')} (context × layers × KV heads × (key + value length) × 2)",
+         [context, layers, kv_width, 2]),
+        (f"{key('embedding_length')} × the vocabulary size", [embedding, n_tokens]),
+    ]
+    for what, factors in products:
+        if all(factors):
+            product = 1
+            for factor in factors:
+                product *= factor
+            if product > _INT64_MAX:
+                raise GGUFError(f"{what} = {' × '.join(map(str, factors))} = {product} overflows int64")
+
+
+def _check_experts(meta: dict[str, Any], key, layers: int | None) -> None:
+    experts = _integer(meta, key("expert_count"))
+    _in_range(key("expert_count"), experts, 0, MAX_EXPERT_COUNT, "the expert count",
+              " (llama.cpp's LLAMA_MAX_EXPERTS; it aborts on more)")
+    experts = experts or 0
+    used = _per_layer(meta, key("expert_used_count"), layers)
+    used_max = max(used, default=0) if used else 0
+    used_key = key("expert_used_count")
+    if experts and used is None:
+        raise GGUFError(f"{used_key} is missing, but {key('expert_count')} = {experts}: llama.cpp aborts on a "
+                        "mixture of experts that uses none")
+    if experts:
+        _in_range(used_key, used_max, 1, experts, "the experts used per token",
+                  f" ({key('expert_count')} = {experts}; llama.cpp aborts otherwise)")
+    elif used_max:
+        raise GGUFError(f"{used_key} = {used_max}, but the model has no experts ({key('expert_count')} is "
+                        f"{'absent' if meta.get(key('expert_count')) is None else 0}); llama.cpp aborts on that")
+    groups = _integer(meta, key("expert_group_count")) or 0
+    groups_used = _integer(meta, key("expert_group_used_count")) or 0
+    if not experts:
+        if groups:
+            raise GGUFError(f"{key('expert_group_count')} = {groups}, but the model has no experts; llama.cpp "
+                            "aborts on that")
+        return
+    _in_range(key("expert_group_count"), groups, 0, experts - 1, "the expert group count",
+              f" (fewer than {key('expert_count')} = {experts})")
+    if groups > 1:
+        if experts % groups:
+            raise GGUFError(f"{key('expert_group_count')} = {groups} does not divide {key('expert_count')} = "
+                            f"{experts}; llama.cpp aborts on that")
+        _in_range(key("expert_group_used_count"), groups_used, 1, groups - 1, "the expert groups used",
+                  f" (fewer than {key('expert_group_count')} = {groups})")
+
+
+def _layer_key(name: str, il: int, meta: dict[str, Any]) -> str:
+    """A per-layer value's name: ``key[il]`` when the file stores an array, the key itself for a scalar."""
+    return f"{name}[{il}]" if isinstance(meta.get(name), array.array) else name
 
 
 # --- summarising -----------------------------------------------------------------------------

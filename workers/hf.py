@@ -76,6 +76,10 @@ class HfFileNotFound(HfError):
     pass
 
 
+class HfInvalidRequest(HfError):
+    """The request itself is wrong: a repo id or revision the Hub's rules refuse, or a 4xx from the Hub."""
+
+
 class HfAccessDenied(HfError):
     """401/403: the repo is private or gated, or the token was refused."""
 
@@ -362,9 +366,9 @@ def _hub_errors(*, repo_id: str | None = None, filename: str | None = None,
             raise HfAccessDenied(f"{repo} refused the token ({status}): check HF_TOKEN or the token given") from error
         if status == 429 or status >= 500:
             raise HfNetworkError(f"the Hugging Face Hub is unavailable ({status}); try again later") from error
-        raise HfError(f"the Hugging Face Hub refused the request ({status}): {error}") from error
+        raise HfInvalidRequest(f"the Hugging Face Hub refused the request ({status}): {error}") from error
     except HFValidationError as error:
-        raise HfError(f"invalid request to the Hugging Face Hub: {error}") from error
+        raise HfInvalidRequest(f"invalid request to the Hugging Face Hub: {error}") from error
     except httpx2.TransportError as error:
         raise HfNetworkError(f"could not reach the Hugging Face Hub at {_endpoint()}: {error}") from error
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from workers import protocol
 from workers.bundled import BundledModelMissing, bundled_model_path
 from workers.engine.process import RunnerConfig
-from workers.engine.supervisor import PoolExhausted, RunnerPool
+from workers.engine.supervisor import ModelLoadFailed, PoolExhausted, RunnerPool
 from workers.generation import InferenceError
 from workers.hardware import inference_threads
 from workers.messages import InferenceRequest, ModelRef
@@ -84,7 +84,7 @@ def request_refuse(*, request_id: str, reason: str, config: NodeConfig, redis) -
 
 def request_submit(request: InferenceRequest, *, config: NodeConfig, redis, pool: RunnerPool) -> None:
     """Hand one request to its model's runner; returns at once. A request that cannot even reach a
-    runner (its model's file is missing, or does not fit) ends now with one error event."""
+    runner (its model's file is missing, does not fit, or failed to load here) ends now with one error event."""
     try:
         model = request.model
         path = model_path(model, config.models_dir)
@@ -99,7 +99,7 @@ def request_submit(request: InferenceRequest, *, config: NodeConfig, redis, pool
         pool.submit(model_id=model.id, path=str(path), wire=request.to_wire())
     except InferenceError as exc:
         _end_with(request.request_id, exc, config=config, redis=redis)
-    except PoolExhausted as exc:
+    except (PoolExhausted, ModelLoadFailed) as exc:
         _end_with(request.request_id, InferenceError(str(exc), code="model_unavailable", status=503,
                                                      type="server_error"), config=config, redis=redis)
     except Exception as exc:

@@ -135,15 +135,17 @@ class SelfTest:
         return self._result
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
+    """A signal's name (``SIGSEGV``), for saying how a child process died."""
     try:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
 
 
-def _outcome(*, model: Path, timeout: float, pid: int, returncode: int, timed_out: bool, elapsed: float,
-             stdout: bytes, stderr: bytes) -> SelfTestResult:
+def child_report(stdout: bytes) -> dict:
+    """What a checking child process reported: every JSON object it printed, one per line, merged in order
+    (a child that died part way reported the stages it reached)."""
     reported: dict = {}
     for line in stdout.decode("utf-8", errors="replace").splitlines():
         try:
@@ -152,11 +154,17 @@ def _outcome(*, model: Path, timeout: float, pid: int, returncode: int, timed_ou
             continue
         if isinstance(entry, dict):
             reported.update(entry)
+    return reported
+
+
+def _outcome(*, model: Path, timeout: float, pid: int, returncode: int, timed_out: bool, elapsed: float,
+             stdout: bytes, stderr: bytes) -> SelfTestResult:
+    reported = child_report(stdout)
     stage = reported.get("stage", "")
     tail = [line for line in stderr.decode("utf-8", errors="replace").splitlines() if line.strip()]
     tail = tail[-STDERR_TAIL_LINES:]
     ok = returncode == 0 and stage == "done" and not timed_out
-    died_by = _signal_name(-returncode) if returncode < 0 else ""
+    died_by = signal_name(-returncode) if returncode < 0 else ""
     where = {"": "before it reported anything", "started": "while loading the model",
              "loaded": "while decoding", "done": "after decoding, while closing the model"}.get(stage, "")
     subject = f"the test decode of {model.name}"

@@ -17,9 +17,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from apps.fit.selectors import FitLevel, fit_levels
-from apps.gateway.errors import OpenAIError, no_worker
+from apps.gateway.errors import OpenAIError, model_load_failed, no_worker
 from apps.gateway.streams import FINAL_EVENTS, stream_reader
 from apps.models.models import ModelCopy, RegisteredModel
+from apps.models.selectors import model_load_failures
 from apps.nodes.models import Node, NodeStatus
 from apps.nodes.selectors import node_list_live, node_list_unhealthy
 from llmplatform.aioredis import redis_client
@@ -98,6 +99,15 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
     if warm:  # the hot path: no fit or file look-ups
         node = min(warm, key=lambda node: (busy[node.name], node.name))
         return _placed(model, node, f"model loaded, {busy[node.name]} in flight", skipped)
+
+    # Not where it failed to load (until its file changes or the mark is cleared); 503 when that is everywhere.
+    failed = await model_load_failures(model_id=model.id, node_ids=[node.pk for node in open_nodes])
+    if failed:
+        reasons = {node.name: failed[node.pk] for node in open_nodes if node.pk in failed}
+        open_nodes = [node for node in open_nodes if node.pk not in failed]
+        if not open_nodes:
+            raise model_load_failed(model.id, reasons)
+        skipped += [f"{name} failed to load it" for name in reasons]
 
     # Placement ranks nodes by how well the model fits (FitLevel.rank); too_tight ones only when nothing else can take it.
     fits = await sync_to_async(fit_levels)(model=model, nodes=open_nodes)

@@ -46,6 +46,14 @@ def no_worker(message: str) -> OpenAIError:
     return OpenAIError(503, message, code="no_worker_available", type="server_error")
 
 
+def model_load_failed(model: str, reasons: dict[str, str]) -> OpenAIError:
+    """The model failed to load on every node that could serve it (``reasons``: node name -> why)."""
+    where = "; ".join(f"on node {node}: {reason}" for node, reason in sorted(reasons.items()))
+    return OpenAIError(503, f"The model '{model}' cannot be served right now: it failed to load {where}. A node tries "
+                       "it again once its file changes, or once an operator clears the mark (POST "
+                       f"/api/v1/registry/{model}/clear-load-failures/).", code="model_unavailable", type="server_error")
+
+
 def worker_lost(message: str) -> OpenAIError:
     return OpenAIError(503, message, code="worker_lost", type="server_error")
 

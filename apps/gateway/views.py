@@ -20,6 +20,7 @@ from apps.gateway.services import api_key_touch
 from apps.gateway.upstream import upstream_serve
 from apps.models.models import RegisteredModel
 from apps.models.selectors import model_get_active, model_list_active
+from llmplatform.authentication import guard_key_check
 from llmplatform.background import spawn
 from llmplatform.errors import BROKER_ERRORS
 from llmplatform.sse import sse_response
@@ -28,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 async def _authenticate(request: HttpRequest, record: RequestRecord) -> ApiKey:
-    scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
-    check = await api_key_check(raw_key=raw_key.strip() if scheme.lower() == "bearer" else "")
+    check = guard_key_check(request)  # the ASGI guard checked the key before the body was read
+    if check is None:
+        scheme, _, raw_key = request.headers.get("Authorization", "").partition(" ")
+        check = await api_key_check(raw_key=raw_key.strip() if scheme.lower() == "bearer" else "")
     if check.key is None:
         raise invalid_api_key(check.problem)
     record.identify(check.key)

@@ -23,7 +23,8 @@ from django.utils.http import is_same_domain
 
 from apps.jobs import events
 from apps.jobs.selectors import job_visible
-from llmplatform.authentication import api_key_user
+from llmplatform.authentication import api_key_checker
+from llmplatform.request_guard import auth_blocked_for, auth_failure_count
 
 ALL = "*"
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -51,8 +52,8 @@ def _origin_is_this_site(scope) -> bool:
 
 
 @database_sync_to_async
-def _user_for_key(raw_key: str):
-    return async_to_sync(api_key_user)(raw_key=raw_key)
+def _key_check(raw_key: str):
+    return async_to_sync(api_key_checker())(raw_key=raw_key)
 
 
 SUBPROTOCOL = "llmp"  # what the server accepts when a browser sends its key as a subprotocol
@@ -61,7 +62,11 @@ BEARER_SUBPROTOCOL = "bearer."  # "bearer.<key>": the key, offered beside "llmp"
 
 class JobEventsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
-        self.user = await self._authenticate()
+        address = (self.scope.get("client") or ("",))[0]
+        if auth_blocked_for(address):  # key guessing over the WebSocket is held to the same limit as over HTTP
+            await self.close(code=4401)
+            return
+        self.user = await self._authenticate(address)
         if self.user is None:
             await self.close(code=4401)
             return
@@ -72,7 +77,7 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
         if "job" in query:
             await self._subscribe(query["job"][0], (query.get("last_event_id") or [""])[0])
 
-    async def _authenticate(self):
+    async def _authenticate(self, address: str):
         user = self.scope.get("user")
         if user is not None and user.is_authenticated and _origin_is_this_site(self.scope):  # no cross-site hijacking
             return user
@@ -82,7 +87,13 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
             offered = [p for p in self.scope.get("subprotocols") or [] if p.startswith(BEARER_SUBPROTOCOL)]
             raw_key = offered[0][len(BEARER_SUBPROTOCOL):] if offered else (
                 parse_qs(self.scope.get("query_string", b"").decode()).get("api_key") or [""])[0]
-        return await _user_for_key(raw_key.strip()) if raw_key.strip() else None
+        if not raw_key.strip():
+            return None
+        check = await _key_check(raw_key.strip())
+        if check.key is None:
+            await auth_failure_count(address)
+            return None
+        return check.key.user  # None for a key without a user: /v1 only
 
     async def disconnect(self, code) -> None:
         for group in set(getattr(self, "subscriptions", {}).values()):

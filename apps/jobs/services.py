@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ from apps.jobs.models import Job, JobStage, JobStatus
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_list_live
 from llmplatform.celery import app as celery_app
-from llmplatform.errors import ApplicationError
+from llmplatform.errors import BROKER_ERRORS, BROKER_UNAVAILABLE, ApplicationError
 from workers.protocol import TASK_JOB_RUN
 
 logger = logging.getLogger(__name__)
@@ -25,19 +26,47 @@ class JobStateError(ApplicationError):
     status = 409
 
 
-def _dispatch(job: Job, *, queue: str) -> None:
-    """Wake a worker on ``queue`` for ``job`` once the current transaction commits."""
+UNSENT_ERROR = f"The job could not be queued: {BROKER_UNAVAILABLE} Retry it once Redis answers."
+
+
+def _dispatch(job: Job, *, queue: str, announce: dict | None = None) -> None:
+    """Once the current transaction commits, announce ``job`` (``job.created`` with ``announce`` as its
+    data, when given) and wake a worker on ``queue`` for it.
+
+    When Redis does not answer, a queued job is failed with ``UNSENT_ERROR`` instead of waiting for a
+    worker that will never hear of it, and the broker error goes on up (a 503 to the client).
+    """
     job_id = str(job.pk)
     Job.objects.filter(pk=job.pk).update(dispatched_at=timezone.now())
-    transaction.on_commit(lambda: celery_app.send_task(TASK_JOB_RUN, args=[job_id], queue=queue))
+
+    def send() -> None:
+        try:
+            if announce is not None:
+                events.job_event_send(job, events.CREATED, announce)  # outside a transaction now: sent at once
+            celery_app.send_task(TASK_JOB_RUN, args=[job_id], queue=queue)
+        except BROKER_ERRORS:
+            _job_fail_unsent(job=job)
+            raise
+
+    transaction.on_commit(send)
+
+
+def _job_fail_unsent(*, job: Job) -> None:
+    now = timezone.now()
+    if not Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
+            status=JobStatus.FAILED, error=UNSENT_ERROR, finished_at=now, updated_at=now):
+        return  # a redelivered running job: the reaper tries again
+    logger.error("job %s failed: Redis did not answer when it was queued", job.pk)
+    job.status, job.error, job.finished_at = JobStatus.FAILED, UNSENT_ERROR, now
+    with contextlib.suppress(*BROKER_ERRORS):  # the events' Redis may answer when the broker does not
+        events.job_event_send(job, events.FAILED, {"error": UNSENT_ERROR, "model": None})
 
 
 def job_create(*, kind: str, params: dict, node: Node, created_by=None) -> Job:
-    """Queue a job on ``node``'s queue."""
+    """Queue a job on ``node``'s queue (failed at once, and the broker error raised, when Redis is down)."""
     with transaction.atomic():
         job = Job.objects.create(kind=kind, params=params, node=node, created_by=created_by)
-        events.job_event_send(job, events.CREATED, {"params": params, "node": node.name})
-        _dispatch(job, queue=node.queue)
+        _dispatch(job, queue=node.queue, announce={"params": params, "node": node.name})
     return job
 
 
@@ -71,8 +100,7 @@ def job_retry(*, job: Job) -> Job:
         job.refresh_from_db()
         if not retried:
             raise JobStateError(f"Only failed or cancelled jobs can be retried; this one is {job.status}.")
-        events.job_event_send(job, events.CREATED, {"params": job.params, "node": node.name, "retry": True})
-        _dispatch(job, queue=node.queue)
+        _dispatch(job, queue=node.queue, announce={"params": job.params, "node": node.name, "retry": True})
     return job
 
 

@@ -1,13 +1,14 @@
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 
-from apps.models.models import ExternalEndpoint, RegisteredModel
+from apps.models.models import ExternalEndpoint, ModelCopy, RegisteredModel
 from apps.models.secrets import secret_hint
 from apps.models.services import (
     ModelError,
     external_base_url_clean,
     model_delete_external,
     model_id_check,
+    model_load_failure_clear,
     model_register_external,
     model_update_external,
 )
@@ -18,6 +19,43 @@ class RegisteredModelAdmin(admin.ModelAdmin):
     list_display = ("id", "source", "file_name", "size_bytes", "is_active", "created_at")
     list_filter = ("source", "is_active")
     search_fields = ("id", "file_name")
+
+
+class LoadFailedFilter(admin.SimpleListFilter):
+    title = "load failed"
+    parameter_name = "load_failed"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Failed to load"), ("no", "Loads")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(load_failed_at__isnull=self.value() == "no")
+        return queryset
+
+
+@admin.register(ModelCopy)
+class ModelCopyAdmin(admin.ModelAdmin):
+    """Which node holds which model's file, and where a model failed to load (the gateway avoids those)."""
+
+    list_display = ("model", "node", "size_bytes", "created_at", "load_failed_at", "load_error")
+    list_filter = (LoadFailedFilter, "node")
+    search_fields = ("model__id", "node__name")
+    readonly_fields = ("model", "node", "size_bytes", "created_at", "load_failed_at", "load_error", "load_failed_file")
+    actions = ["clear_load_failure"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # a node's worker records its copies
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Clear the load-failure mark: the node tries the model again")
+    def clear_load_failure(self, request, queryset):
+        cleared = []
+        for copy in queryset.filter(load_failed_at__isnull=False).select_related("node"):
+            cleared += model_load_failure_clear(model_id=copy.model_id, node_name=copy.node.name)
+        self.message_user(request, f"Cleared {len(cleared)} load-failure mark(s).", messages.SUCCESS)
 
 
 class ExternalEndpointForm(forms.ModelForm):

@@ -64,12 +64,22 @@ class RegisteredModel(models.Model):
 
 
 class ModelCopy(models.Model):
-    """A node holds a complete, verified copy of a model's file in its models directory."""
+    """A node holds a complete, verified copy of a model's file in its models directory.
+
+    When the model failed to load there (llama.cpp refused the file, or the runner died while
+    loading it), the copy is marked failed: the gateway sends the model to other nodes, and the
+    node does not try it again until the file changes or an operator clears the mark.
+    """
 
     model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="copies")
     node = models.ForeignKey("nodes.Node", on_delete=models.CASCADE, related_name="model_copies")
     size_bytes = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    load_failed_at = models.DateTimeField(null=True, blank=True, help_text="When the model last failed to load on "
+                                          "this node; empty: it loads, or has not been tried since the mark was cleared.")
+    load_error = models.TextField(blank=True, help_text="Why it failed to load (no server paths).")
+    load_failed_file = models.JSONField(default=dict, blank=True, help_text="The file that failed: size, mtime_ns "
+                                        "and sha256. The node tries the model again once its file differs.")
 
     class Meta:
         ordering = ["model_id", "node_id"]

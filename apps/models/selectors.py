@@ -48,13 +48,32 @@ def model_copy_list(*, node) -> QuerySet[ModelCopy]:
     return ModelCopy.objects.filter(node=node)
 
 
+async def model_load_failures(*, model_id: str, node_ids: list[int]) -> dict[int, str]:
+    """Of the nodes ``node_ids``, those where the model failed to load and has not been tried again since
+    (its file has not changed, no operator cleared the mark), with why; one indexed query."""
+    marked = ModelCopy.objects.filter(model_id=model_id, node_id__in=node_ids, load_failed_at__isnull=False)
+    return {node_id: error async for node_id, error in marked.values_list("node_id", "load_error")}
+
+
+def model_load_failure_marked(*, model_id: str, node_name: str) -> bool:
+    """Whether the model is still marked as failing to load on the node (no operator cleared it)."""
+    return ModelCopy.objects.filter(model_id=model_id, node__name=node_name, load_failed_at__isnull=False).exists()
+
+
+def model_load_failures_of_node(*, node_name: str) -> QuerySet[ModelCopy]:
+    """The node's copies marked as failing to load, with their models."""
+    return ModelCopy.objects.filter(node__name=node_name, load_failed_at__isnull=False).select_related("model")
+
+
 def _hub_error(exc: Exception) -> ModelError:
     """A Hugging Face Hub failure as the registry reports it: 404 for what does not exist, 403 for
-    what the token may not see, 502 for the rest."""
+    what the token may not see, 400 for a request the Hub refuses as invalid, 502 for the rest."""
     from workers import hf
 
     if isinstance(exc, (hf.HfRepoNotFound, hf.HfRevisionNotFound, hf.HfFileNotFound)):
         status = 404
+    elif isinstance(exc, hf.HfInvalidRequest):
+        status = 400
     elif isinstance(exc, hf.HfAccessDenied):
         status = 403
     else:

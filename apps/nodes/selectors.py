@@ -42,7 +42,7 @@ def node_list_with_status() -> QuerySet[Node]:
 def node_get(*, ref: str, queryset: QuerySet[Node] | None = None) -> Node | None:
     """The node whose numeric id is ``ref``, else the node named ``ref``; None when neither exists."""
     nodes = Node.objects.all() if queryset is None else queryset
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # int() refuses some digits isdigit() takes ("²")
         node = nodes.filter(pk=int(ref)).first()
         if node is not None:
             return node

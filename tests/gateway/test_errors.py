@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from apps.gateway.models import RequestLog
+from apps.jobs.services import UNSENT_ERROR
 from llmplatform import devstack
 
 
@@ -155,7 +156,8 @@ def redis_down(tmp_path_factory):
              "from django.contrib.auth.models import User; from apps.gateway.models import ApiKey; "
              "ApiKey.objects.filter(name='bare').update(user=User.objects.create_user('owner', is_staff=True)); "
              "from apps.models.models import RegisteredModel as M; "
-             "M.objects.create(id='doomed', source='upload', file_name='doomed.gguf')")
+             "M.objects.create(id='doomed', source='upload', file_name='doomed.gguf'); "
+             "M.objects.create(id='unquantized', source='upload', file_name='unquantized.gguf')")
     base_url, key, server = _lone_gateway(tmp_path_factory.mktemp("redis-down"), setup,
                                           REDIS_URL=f"redis://127.0.0.1:{devstack.free_port()}/0",
                                           LLMP_NODE_OFFLINE_SECONDS="3600")
@@ -184,6 +186,19 @@ def test_the_management_api_answers_503_when_redis_is_down(redis_down, model_id,
                              headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert response.status_code == 503, response.text
     assert "Redis" in response.json()["error"]
+
+
+def test_a_job_that_cannot_be_queued_while_redis_is_down_is_failed_saying_why(redis_down):
+    base_url, key = redis_down
+    api = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    started = api.post("/api/v1/quantize", json={"model": "unquantized", "qtype": "Q8_0", "node": "ghost"})
+    assert started.status_code == 503 and started.json()["code"] == "broker_unavailable", started.text
+    jobs = api.get("/api/v1/jobs/", params={"kind": "quantize"}).json()["results"]
+    assert [(job["status"], job["error"]) for job in jobs] == [("failed", UNSENT_ERROR)]
+    retried = api.post(f"/api/v1/jobs/{jobs[0]['id']}/retry/")
+    assert retried.status_code == 503 and retried.json()["code"] == "broker_unavailable", retried.text
+    job = api.get(f"/api/v1/jobs/{jobs[0]['id']}/").json()
+    assert (job["status"], job["error"], job["finished_at"] is not None) == ("failed", UNSENT_ERROR, True)
 
 
 def test_no_live_worker_is_a_clear_503(bare_platform, model_id):

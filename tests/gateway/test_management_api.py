@@ -111,6 +111,18 @@ def test_an_expiry_too_far_away_for_a_date_is_a_400(platform):
     assert client.post("/api/v1/keys/", json={"name": "a century", "expires_in": 100 * 365 * 86400}).status_code == 201
 
 
+@pytest.mark.parametrize("until", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00"])
+def test_a_history_time_outside_the_years_utc_can_hold_is_a_400(platform, until):
+    client, _ = _client(platform, staff=True)
+    response = client.get("/api/v1/requests/", params={"until": until})
+    assert response.status_code == 400 and response.json()["error"].startswith("until:")
+
+
+def test_a_history_time_with_an_offset_postgresql_cannot_hold_is_read_as_utc(platform):
+    client, _ = _client(platform, staff=True)
+    assert client.get("/api/v1/requests/", params={"since": "2020-01-01T00:00:00+22:16"}).status_code == 200
+
+
 def test_an_unknown_management_path_is_a_json_404(platform):
     client, _ = _client(platform, staff=True)
     for path in ("/api/v1/nope", "/api/v1/nodes/a/b/c/d/", "/api/v2/", "/api/v1/keys/no-such-key/"):

@@ -49,6 +49,11 @@ def test_an_unknown_repo_is_a_404(hub_server):
     assert missing.status_code == 404 and "acme/nothing-here" in missing.json()["error"]
 
 
+def test_a_repo_id_the_hub_refuses_as_invalid_is_a_400(hub_server):
+    invalid = hub_server.get("/api/v1/hf/files", params={"repo": "\U00010091"})
+    assert invalid.status_code == 400 and "invalid" in invalid.json()["error"]
+
+
 def test_a_checkpoint_from_the_hub_is_converted_and_quantized_in_one_job(http, client, hub_node):
     name = f"hubconv-{uuid.uuid4().hex[:6]}"
     response = http.post("/api/v1/convert", json={"repo_id": CHECKPOINT_REPO, "outtype": "f16", "quantize": "Q8_0",

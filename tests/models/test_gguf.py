@@ -436,3 +436,161 @@ def test_random_byte_flips_in_a_small_file_only_ever_raise_gguf_errors():
         except GGUFError:
             outcomes["rejected"] += 1
     assert outcomes["ok"] and outcomes["rejected"]
+
+
+# --- hyperparameters llama.cpp cannot load -------------------------------------------------------
+# Each file below passes the header checks above; ``summarize`` refuses it, naming the key and value.
+# Some of them (a layer count of 0 or over 512, too many experts, KV heads that do not divide the
+# heads) abort llama.cpp itself: tests/models/test_trial_load.py shows one doing so.
+
+_HPARAMS = {  # a small llama header: key -> (type, value, array element type)
+    "general.architecture": (VT.STRING, "llama", None),
+    "llama.context_length": (VT.UINT32, 4096, None),
+    "llama.block_count": (VT.UINT32, 2, None),
+    "llama.embedding_length": (VT.UINT32, 256, None),
+    "llama.feed_forward_length": (VT.UINT32, 512, None),
+    "llama.attention.head_count": (VT.UINT32, 8, None),
+    "llama.attention.head_count_kv": (VT.UINT32, 4, None),
+}
+
+
+def hparams_gguf(**changes) -> bytes:
+    """A small header with ``_HPARAMS`` changed: ``key=(type, value[, element type])``, or ``key=None`` to drop
+    it; keys are given with ``__`` for ``.`` after the architecture (``attention__head_count``)."""
+    entries = dict(_HPARAMS)
+    for name, change in changes.items():
+        key = name if name.startswith("general") else "llama." + name.replace("__", ".")
+        if change is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = (*change, None)[:3]
+    return gguf_bytes([kv(key, vtype, value, subtype) for key, (vtype, value, subtype) in entries.items()],
+                      [tensor_info("token_embd.weight", (8,), QT.F32, 0)], data_size=32)
+
+
+def summarize_bytes(data: bytes) -> dict:
+    return summarize(read_header(io.BytesIO(data)), file_size=len(data))
+
+
+U32, I32, U64, F32 = VT.UINT32, VT.INT32, VT.UINT64, VT.FLOAT32
+HOSTILE_HPARAMS = {
+    "2^32-1 layers (aborts llama.cpp)": (
+        hparams_gguf(block_count=(U32, 0xFFFFFFFF)),
+        "llama.block_count = 4294967295: the layer count must be between 1 and 512 (llama.cpp's LLAMA_MAX_LAYERS"),
+    "no layers (aborts llama.cpp)": (hparams_gguf(block_count=(U32, 0)), "llama.block_count = 0: the layer count"),
+    "513 layers": (hparams_gguf(block_count=(U32, 513)), "llama.block_count = 513: the layer count"),
+    "a layer count that is an array": (hparams_gguf(block_count=(VT.ARRAY, [2, 2], I32)),
+                                       "llama.block_count = [2, 2] is not an integer"),
+    "more prediction layers than layers": (hparams_gguf(nextn_predict_layers=(U32, 3)),
+                                           "llama.nextn_predict_layers = 3: the next-token prediction layers must be "
+                                           "between 0 and 2"),
+    "1025 experts (aborts llama.cpp)": (
+        hparams_gguf(expert_count=(U32, 1025), expert_used_count=(U32, 2)),
+        "llama.expert_count = 1025: the expert count must be between 0 and 1024 (llama.cpp's LLAMA_MAX_EXPERTS"),
+    "experts but none used": (hparams_gguf(expert_count=(U32, 8)), "llama.expert_used_count is missing"),
+    "more experts used than there are": (hparams_gguf(expert_count=(U32, 8), expert_used_count=(U32, 9)),
+                                         "llama.expert_used_count = 9: the experts used per token must be between 1 "
+                                         "and 8"),
+    "experts used without experts": (hparams_gguf(expert_used_count=(U32, 2)),
+                                     "llama.expert_used_count = 2, but the model has no experts"),
+    "as many expert groups as experts": (
+        hparams_gguf(expert_count=(U32, 8), expert_used_count=(U32, 2), expert_group_count=(U32, 8)),
+        "llama.expert_group_count = 8: the expert group count must be between 0 and 7"),
+    "expert groups that do not divide the experts": (
+        hparams_gguf(expert_count=(U32, 8), expert_used_count=(U32, 2), expert_group_count=(U32, 3),
+                     expert_group_used_count=(U32, 1)),
+        "llama.expert_group_count = 3 does not divide llama.expert_count = 8"),
+    "every expert group used": (
+        hparams_gguf(expert_count=(U32, 8), expert_used_count=(U32, 2), expert_group_count=(U32, 4),
+                     expert_group_used_count=(U32, 4)),
+        "llama.expert_group_used_count = 4: the expert groups used must be between 1 and 3"),
+    "a context length of 0": (hparams_gguf(context_length=(U32, 0)), "llama.context_length = 0: the context length"),
+    "a context length of 2^27 + 1": (hparams_gguf(context_length=(U32, (1 << 27) + 1)),
+                                     "llama.context_length = 134217729: the context length must be between 1 and "
+                                     "134217728"),
+    "a negative context length": (hparams_gguf(context_length=(I32, -1)), "llama.context_length = -1"),
+    "a float context length": (hparams_gguf(context_length=(F32, 4096.0)), "llama.context_length = 4096.0 is not an "
+                                                                             "integer"),
+    "an original context length of 2^32": (hparams_gguf(rope__scaling__original_context_length=(U64, 1 << 32)),
+                                           "llama.rope.scaling.original_context_length = 4294967296"),
+    "an embedding length of 0": (hparams_gguf(embedding_length=(U32, 0)), "llama.embedding_length = 0"),
+    "an embedding length of 2^16 + 1": (hparams_gguf(embedding_length=(U32, 65537), attention__key_length=(U32, 64),
+                                                     attention__value_length=(U32, 64)),
+                                        "llama.embedding_length = 65537: the embedding length must be between 1 and "
+                                        "65536"),
+    "4097 heads": (hparams_gguf(attention__head_count=(U32, 4097), attention__head_count_kv=(U32, 1),
+                                attention__key_length=(U32, 64), attention__value_length=(U32, 64)),
+                   "llama.attention.head_count = 4097: a head count must be between 0 and 4096"),
+    "more KV heads than heads": (hparams_gguf(attention__head_count_kv=(U32, 16)),
+                                 "llama.attention.head_count_kv = 16: a KV head count must be between 0 and 8"),
+    "KV heads that do not divide the heads (aborts llama.cpp)": (
+        hparams_gguf(attention__head_count_kv=(U32, 3)),
+        "llama.attention.head_count_kv = 3 does not divide llama.attention.head_count = 8"),
+    "heads that do not divide the embedding": (
+        hparams_gguf(embedding_length=(U32, 260)),
+        "llama.embedding_length = 260 is not a multiple of llama.attention.head_count = 8"),
+    "a key length of 0": (hparams_gguf(attention__key_length=(U32, 0), attention__value_length=(U32, 32)),
+                          "llama.attention.key_length = 0: the key length must be between 1 and 8192"),
+    "a value length of 2^13 + 1": (hparams_gguf(attention__key_length=(U32, 32), attention__value_length=(U32, 8193)),
+                                   "llama.attention.value_length = 8193: the value length"),
+    "a feed-forward length of 2^19 + 1": (hparams_gguf(feed_forward_length=(U32, (1 << 19) + 1)),
+                                          "llama.feed_forward_length = 524289: a feed-forward length"),
+    "an expert feed-forward length of 2^32 - 1": (
+        hparams_gguf(expert_feed_forward_length=(U32, 0xFFFFFFFF)),
+        "llama.expert_feed_forward_length = 4294967295: a feed-forward length"),
+    "a per-layer array shorter than the layers": (
+        hparams_gguf(attention__head_count_kv=(VT.ARRAY, [4], I32)),
+        "llama.attention.head_count_kv = [4] has 1 per-layer values, but block_count is 2"),
+    "a per-layer array longer than the layers": (
+        hparams_gguf(feed_forward_length=(VT.ARRAY, [512] * 600, I32)),
+        "llama.feed_forward_length = [512, 512, 512, 512, 512, 512, 512, 512, ...] (600 values) has 600 per-layer "
+        "values, but block_count is 2"),
+    "a per-layer array of floats": (hparams_gguf(feed_forward_length=(VT.ARRAY, [512.0, 512.0], F32)),
+                                    "llama.feed_forward_length = [512.0, 512.0] is an array of floats"),
+    "one layer's KV heads not dividing its heads": (
+        hparams_gguf(attention__head_count=(VT.ARRAY, [8, 8], I32), attention__head_count_kv=(VT.ARRAY, [4, 3], I32)),
+        "llama.attention.head_count_kv[1] = 3 does not divide llama.attention.head_count[1] = 8"),
+    "a vocabulary of 2^22 + 1": (hparams_gguf(vocab_size=(U32, (1 << 22) + 1)),
+                                 "llama.vocab_size = 4194305: the vocabulary size must be between 1 and 4194304"),
+    "an empty vocabulary": (hparams_gguf(vocab_size=(U32, 0)), "llama.vocab_size = 0"),
+    "a KV cache past int64": (
+        hparams_gguf(context_length=(U32, 1 << 27), block_count=(U32, 512), attention__head_count=(U32, 4096),
+                     attention__head_count_kv=(U32, 4096), attention__key_length=(U32, 8192),
+                     attention__value_length=(U32, 8192)),
+        "the F16 KV cache bytes at llama.context_length (context × layers × KV heads × (key + value length) × 2) = "
+        "134217728 × 512 × 67108864 × 2 = 9223372036854775808 overflows int64"),
+}
+
+
+@pytest.mark.parametrize("data, message", HOSTILE_HPARAMS.values(), ids=HOSTILE_HPARAMS.keys())
+def test_the_summary_rejects_a_hyperparameter_llama_cpp_cannot_load_naming_its_key_and_value(data, message):
+    read_header(io.BytesIO(data))  # a well-formed header: only the bounds refuse it
+    with pytest.raises(GGUFError) as caught:
+        summarize_bytes(data)
+    assert message in str(caught.value)
+
+
+def test_the_summary_rejects_sizes_whose_product_overflows_int64_even_within_raised_bounds(monkeypatch):
+    monkeypatch.setattr(validator, "MAX_CONTEXT_LENGTH", 1 << 40)
+    data = hparams_gguf(context_length=(U64, 1 << 40), block_count=(U32, 512), embedding_length=(U32, 65536),
+                        attention__head_count=(U32, 1), attention__head_count_kv=(U32, 1))
+    with pytest.raises(GGUFError, match="llama.context_length × llama.embedding_length × llama.block_count = "
+                                        "1099511627776 × 65536 × 512 = .* overflows int64"):
+        summarize_bytes(data)
+
+
+def test_the_summary_accepts_headers_at_the_bounds_and_the_shapes_real_models_use():
+    at_bounds = hparams_gguf(block_count=(U32, 512), context_length=(U32, 1 << 27), embedding_length=(U32, 65536),
+                             attention__head_count=(U32, 4096), attention__head_count_kv=(U32, 1),
+                             feed_forward_length=(U32, 1 << 19), vocab_size=(U32, 1 << 22),
+                             expert_count=(U32, 1024), expert_used_count=(U32, 1024))
+    moe = hparams_gguf(expert_count=(U32, 256), expert_used_count=(U32, 8), expert_group_count=(U32, 8),
+                       expert_group_used_count=(U32, 4), expert_feed_forward_length=(U32, 2048))
+    hybrid = hparams_gguf(attention__head_count=(U32, 8), attention__head_count_kv=(VT.ARRAY, [0, 2], I32),
+                          feed_forward_length=(VT.ARRAY, [0, 512], I32))  # a recurrent layer, then attention
+    mla = hparams_gguf(embedding_length=(U32, 7168), attention__head_count=(U32, 128),
+                       attention__head_count_kv=(U32, 128), attention__key_length=(U32, 576),
+                       attention__value_length=(U32, 512))
+    for data in (at_bounds, moe, hybrid, mla):
+        summarize_bytes(data)
+    assert summarize_bytes(hybrid)["metadata"]["head_count_kv"] == 2

@@ -26,6 +26,11 @@ def test_an_unknown_node_is_a_404_in_the_management_error_shape(member):
     assert reply.status_code == 404 and set(reply.json()) == {"error"}
 
 
+def test_a_node_named_by_digits_int_cannot_read_is_a_404(member):
+    reply = member.get("/api/v1/nodes/\u00b2/")  # "²".isdigit(), but int("²") fails
+    assert reply.status_code == 404 and set(reply.json()) == {"error"}
+
+
 def test_statuses_follow_the_age_of_the_last_heartbeat_and_can_be_filtered(member, make_node):
     online, degraded, offline = make_node("on"), make_node("deg"), make_node("off")
     # The test session beats every second: degraded after 3 s, offline after 20 s (the defaults).

@@ -9,6 +9,12 @@ a stream's duration.
 When a runner dies (a segfault, OOM, a kill), the requests it had started end with
 ``worker_lost`` at once; those it had not started yet go to a new runner (once). The next request
 for the model starts a new runner.
+
+A model that fails to load (llama.cpp refuses the file, or the runner crashes before it is ready,
+or is killed before it is ready twice in a row) is not started again on this node while its file
+stays the same (size and mtime): its requests end with ``model_unavailable`` at once.
+``on_load_failed`` records the failure where the gateway sees it, ``load_failures_changed`` hands
+back the ones whose file changed since, and ``load_still_failed`` lets an operator clear one.
 """
 
 from __future__ import annotations
@@ -35,6 +41,45 @@ logger = logging.getLogger(__name__)
 
 class PoolExhausted(RuntimeError):
     """The model cannot fit even after stopping every idle runner."""
+
+
+class ModelLoadFailed(RuntimeError):
+    """The model failed to load on this node, and its file has not changed since."""
+
+
+def file_signature(path: str) -> dict:
+    """What tells one version of a file from the next without reading it: its size and mtime (ns)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return {}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+@dataclass(eq=False)
+class LoadFailure:
+    """A model that failed to load on this node, and the file it failed with."""
+
+    model_id: str
+    path: str
+    node: str
+    reason: str  # no paths: it reaches clients
+    file: dict  # file_signature(path) when it failed
+    recorded: bool = False  # on_load_failed has stored it (so a cleared record means an operator cleared it)
+
+    def message(self) -> str:
+        return (f"Model {self.model_id} failed to load on node {self.node}: {self.reason}. It is not tried there "
+                "again until its file changes or an operator clears the mark.")
+
+
+# Signals a process gets from its own fault, not from someone killing it.
+_CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGSYS,
+                  signal.SIGTRAP}
+
+
+def _crashed(returncode: int) -> bool:
+    """The process ended of its own fault: a crash signal, or an error exit (not a kill from outside)."""
+    return returncode > 0 or -returncode in _CRASH_SIGNALS
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -89,15 +134,22 @@ class RunnerPool:
     def __init__(self, *, runner_config: Callable[[str, str], RunnerConfig], size_of: Callable[[RunnerConfig], int],
                  redis, redis_prefix: str, max_models: int, memory_budget_bytes: int,
                  on_ready: Callable[[RunnerHandle], None] | None = None,
-                 on_ended: Callable[[RunnerHandle, dict], None] | None = None) -> None:
+                 on_ended: Callable[[RunnerHandle, dict], None] | None = None,
+                 on_load_failed: Callable[[LoadFailure], None] | None = None,
+                 load_still_failed: Callable[[str], bool] | None = None) -> None:
         self._runner_config, self._size_of = runner_config, size_of
         self._redis, self._prefix = redis, redis_prefix
         self.max_models, self.memory_budget_bytes = max_models, memory_budget_bytes
         self._on_ready, self._on_ended = on_ready, on_ended
+        # on_load_failed stores a failure (it may raise; recorded stays False then); load_still_failed
+        # says whether a recorded one is still stored, i.e. no operator cleared it.
+        self._on_load_failed, self._load_still_failed = on_load_failed, load_still_failed
         self._runners: OrderedDict[str, RunnerHandle] = OrderedDict()
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self.exits: list[dict] = []  # the last runner deaths, for the node's report
+        self._load_failures: dict[str, LoadFailure] = {}
+        self._retried_failures: list[LoadFailure] = []  # dropped because their file changed; not handed back yet
 
     # -- what the node asks ----------------------------------------------------------------------
     def submit(self, *, model_id: str, path: str, wire: dict) -> None:
@@ -109,6 +161,7 @@ class RunnerPool:
                 self._stop(handle)  # the model's file moved (a re-registration): load the new one
                 handle = None
             if handle is None:
+                self._refuse_failed_load(model_id, path)  # ModelLoadFailed
                 handle = self._start(model_id, path)
             self._runners.move_to_end(model_id)
             handle.unload_when_idle = False
@@ -157,6 +210,69 @@ class RunnerPool:
         with self._lock:
             for handle in list(self._runners.values()):
                 self._stop(handle)
+
+    # -- models that failed to load ------------------------------------------------------------------
+    def load_failures(self) -> list[LoadFailure]:
+        with self._lock:
+            return list(self._load_failures.values())
+
+    def load_failures_restore(self, failures: list[LoadFailure]) -> None:
+        """Take back failures recorded before this process started (their record exists)."""
+        with self._lock:
+            for failure in failures:
+                failure.recorded = True
+                self._load_failures.setdefault(failure.model_id, failure)
+
+    def load_failures_changed(self) -> list[LoadFailure]:
+        """Forget and return the failures whose file has changed since (a new file may load): their
+        records can go. Cheap: one ``stat`` per failed model."""
+        with self._lock:
+            # A retried model that failed again since has a newer failure, whose record must stay.
+            changed = [failure for failure in self._retried_failures if failure.model_id not in self._load_failures]
+            self._retried_failures = []
+            for model_id, failure in list(self._load_failures.items()):
+                if file_signature(failure.path) != failure.file:
+                    del self._load_failures[model_id]
+                    changed.append(failure)
+        for failure in changed:
+            logger.info("model %s: its file changed since it failed to load; it will be tried again",
+                        failure.model_id)
+        return changed
+
+    def _refuse_failed_load(self, model_id: str, path: str) -> None:
+        """Raise ModelLoadFailed for a model that failed to load with this very file (caller holds the lock)."""
+        failure = self._load_failures.get(model_id)
+        if failure is None:
+            return
+        if failure.path != path or file_signature(path) != failure.file:
+            del self._load_failures[model_id]
+            self._retried_failures.append(failure)
+            logger.info("model %s: its file changed since it failed to load; trying it again", model_id)
+            return
+        if failure.recorded and self._load_still_failed is not None and not self._load_still_failed(model_id):
+            del self._load_failures[model_id]
+            logger.info("model %s: its load failure was cleared; trying it again", model_id)
+            return
+        raise ModelLoadFailed(failure.message())
+
+    def _load_failed(self, handle: RunnerHandle, reason: str) -> LoadFailure:
+        """Remember that ``handle``'s model failed to load (caller holds the lock); ``_report_load_failure``
+        stores it once the lock is released."""
+        failure = LoadFailure(model_id=handle.model_id, path=handle.config.path, node=handle.config.node,
+                              reason=reason, file=file_signature(handle.config.path))
+        self._load_failures[handle.model_id] = failure
+        logger.error("model %s failed to load on this node (%s); not trying it again until its file changes or "
+                     "the mark is cleared", handle.model_id, reason)
+        return failure
+
+    def _report_load_failure(self, failure: LoadFailure) -> None:
+        if self._on_load_failed is None:
+            return
+        try:
+            self._on_load_failed(failure)
+            failure.recorded = True
+        except Exception:
+            logger.exception("could not record that model %s failed to load", failure.model_id)
 
     # -- runners ------------------------------------------------------------------------------------
     def _used_bytes(self) -> int:
@@ -222,6 +338,7 @@ class RunnerPool:
 
     def _on_message(self, handle: RunnerHandle, message: dict) -> None:
         op = message.get("op")
+        failure = None
         with self._lock:
             if op == "ready":
                 handle.memory = message.get("memory")
@@ -242,6 +359,7 @@ class RunnerPool:
                 handle.pending.clear()
                 if self._runners.get(handle.model_id) is handle:
                     del self._runners[handle.model_id]
+                failure = self._load_failed(handle, error.get("message") or "llama.cpp could not load it")
             elif op == "started":
                 request_id = message.get("id")
                 if handle.pending.pop(request_id, None) is not None:
@@ -255,6 +373,8 @@ class RunnerPool:
                 self._idle.notify_all()
             elif op == "stats":
                 handle.stats = {"active": message.get("active"), **(message.get("engine") or {})}
+        if failure is not None:
+            self._report_load_failure(failure)
         if op == "ready" and self._on_ready is not None:
             self._on_ready(handle)
         if op == "ended" and self._on_ended is not None:
@@ -262,8 +382,13 @@ class RunnerPool:
 
     def _exited(self, handle: RunnerHandle, returncode: int) -> None:
         how = describe_exit(returncode)
+        failure = None
         with self._lock:
             expected = handle.state == "stopping" and returncode == 0
+            if handle.state == "loading" and (_crashed(returncode) or handle.retried):
+                # It died before it was ready, of its own fault (an abort, a segfault, an error exit) or for
+                # the second time running (a kill, e.g. out of memory): loading this file kills runners.
+                failure = self._load_failed(handle, f"its runner died while loading it, {how}")
             handle.state = "exited" if handle.state != "failed" else "failed"
             if self._runners.get(handle.model_id) is handle:
                 del self._runners[handle.model_id]
@@ -281,6 +406,10 @@ class RunnerPool:
                     f"The runner of model {handle.model_id} on node {handle.config.node} died while serving the "
                     f"request ({how}).", code="worker_lost", status=502, type="server_error").as_event())
             for request_id, wire in retry.items():
+                if failure is not None:
+                    self._fail(request_id, InferenceError(failure.message(), code="model_unavailable", status=503,
+                                                          type="server_error").as_event())
+                    continue
                 if request_id in handle.retried or handle.state == "failed":
                     self._fail(request_id, InferenceError(
                         f"The runner of model {handle.model_id} died twice before serving the request ({how}).",
@@ -291,7 +420,7 @@ class RunnerPool:
                     replacement = self._runners.get(handle.model_id)
                     if replacement is not None:
                         replacement.retried.add(request_id)
-                except PoolExhausted as exc:
+                except (PoolExhausted, ModelLoadFailed) as exc:
                     self._fail(request_id, InferenceError(str(exc), code="model_unavailable", status=503,
                                                           type="server_error").as_event())
             self._idle.notify_all()
@@ -299,6 +428,8 @@ class RunnerPool:
             handle.sock.close()
         except OSError:
             pass
+        if failure is not None:
+            self._report_load_failure(failure)
 
     def _fail(self, request_id: str, error: dict) -> None:
         try:

@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 from apps.fit import engine, selectors
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_get
+from llmplatform.permissions import access
 
 
 def _query(request, **options) -> engine.FitQuery:
@@ -27,6 +28,8 @@ def _node(ref: str) -> Node:
 class NodeSystemView(APIView):
     """A node's identity and hardware, as llmfit's ``/api/v1/system`` shows it."""
 
+    permission_classes = access("fit")
+
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request, node: str):
         return Response(selectors.node_system(node=_node(node)))
@@ -35,6 +38,7 @@ class NodeSystemView(APIView):
 class NodeModelsView(APIView):
     """Every model's fit on a node, filtered and sorted with llmfit's query parameters."""
 
+    permission_classes = access("fit")
     top_only = False
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
@@ -53,6 +57,8 @@ class NodeTopModelsView(NodeModelsView):
 class NodeModelByNameView(APIView):
     """Models whose name, provider or size contains ``name`` (case-insensitive), on a node."""
 
+    permission_classes = access("fit")
+
     @extend_schema(operation_id="fit_node_models_by_name", responses=OpenApiTypes.OBJECT)
     def get(self, request, node: str, name: str):
         target = _node(node)
@@ -62,6 +68,8 @@ class NodeModelByNameView(APIView):
 
 class FitMatrixView(APIView):
     """Models x nodes with fit level, best quantization and tokens/s per cell (``nodes=a,b`` picks nodes)."""
+
+    permission_classes = access("fit")
 
     @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request):

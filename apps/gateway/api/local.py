@@ -9,7 +9,7 @@ import time
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework.exceptions import ParseError
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -17,8 +17,10 @@ from rest_framework.views import APIView
 from apps.gateway.errors import OpenAIError
 from apps.gateway.inference import generate_answer
 from apps.models.selectors import model_get_by_name
+from llmplatform.api_errors import ApiErrorSerializer as ApiError
 from llmplatform.api_input import JSONParser
 from llmplatform.errors import ApplicationError
+from llmplatform.permissions import access
 
 
 def _error(message: str, code: int, **extra) -> Response:
@@ -35,13 +37,16 @@ def _int_field(body: dict, name: str, default: int, minimum: int) -> int:
 
 
 class GenerateView(APIView):
+    permission_classes = access("local-generate")
     parser_classes = [JSONParser]
 
     @extend_schema(summary="Generate a response (local LLM API)", request={"application/json": {
         "type": "object", "required": ["question", "model_name"], "properties": {
             "question": {"type": "string"}, "model_name": {"type": "string"}, "template": {"type": "string"},
             "n_gpu_layers": {"type": "integer"}, "n_batch": {"type": "integer"}, "temperature": {"type": "number"},
-            "max_tokens": {"type": "integer"}}}}, responses={200: dict, 400: dict, 404: dict, 500: dict})
+            "max_tokens": {"type": "integer"}}}}, examples=[OpenApiExample("A short answer", request_only=True, value={
+                "question": "What is the capital of France?", "model_name": "smollm2-135m-instruct", "max_tokens": 8})],
+        responses={200: dict, 404: ApiError, 500: ApiError, 503: ApiError})
     def post(self, request):
         try:
             body = request.data
@@ -80,7 +85,8 @@ class GenerateView(APIView):
             answer = async_to_sync(generate_answer)(model=model, body=request_body, path=request.path, api_key=api_key,
                                                     user_id=request.user.pk if request.user.is_authenticated else None)
         except OpenAIError as exc:
-            code = exc.status if exc.status in (400, 404, 503) else 500
+            # The client's mistakes keep their 4xx; the platform's failures are 503 (retry later) or 500.
+            code = exc.status if exc.status < 500 or exc.status == 503 else 500
             return _error(f"Failed to generate response: {exc.message}", code, success=False)
         response = Response({
             "success": True, "response": answer.text, "model_used": model.file_name or model.id,

@@ -8,6 +8,7 @@ from apps.gateway.api.filters import RequestLogFilter
 from apps.gateway.api.serializers import ApiKeySerializer, NewApiKeySerializer, RequestLogSerializer
 from apps.gateway.models import ApiKey, RequestLog
 from apps.gateway.services import api_key_create, api_key_revoke
+from llmplatform.permissions import access
 
 
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
@@ -16,6 +17,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cre
 
     serializer_class = ApiKeySerializer
     filterset_fields = ["name", "prefix"]
+    permission_classes = access("keys")
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
@@ -42,6 +44,7 @@ class RequestLogViewSet(viewsets.ReadOnlyModelViewSet):
 
     serializer_class = RequestLogSerializer
     filterset_class = RequestLogFilter
+    permission_classes = access("requests")
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):

@@ -16,7 +16,9 @@ from apps.jobs.selectors import job_list_visible, job_visible
 from apps.jobs.serializers import JobSerializer
 from apps.jobs.services import job_cancel, job_retry
 from llmplatform.aioredis import redis_client
+from llmplatform.api_errors import ApiErrorSerializer as ApiError
 from llmplatform.authentication import request_user
+from llmplatform.permissions import access, access_refusal
 from llmplatform.sse import KEEP_ALIVE, sse_frame, sse_response
 
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -29,19 +31,20 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     serializer_class = JobSerializer
     filterset_fields = ["kind", "status", "node__name"]
+    permission_classes = access("jobs")
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return Job.objects.none()
         return job_list_visible(user=self.request.user)
 
-    @extend_schema(request=None, responses={200: JobSerializer, 409: dict})
+    @extend_schema(request=None, responses={200: JobSerializer, 409: ApiError})
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         job = job_cancel(job=self.get_object())  # JobStateError: 409
         return Response(JobSerializer(job).data)
 
-    @extend_schema(request=None, responses={200: JobSerializer, 409: dict})
+    @extend_schema(request=None, responses={200: JobSerializer, 409: ApiError, 503: ApiError})
     @action(detail=True, methods=["post"])
     def retry(self, request, pk=None):
         job = job_retry(job=self.get_object())  # JobStateError: 409
@@ -57,6 +60,8 @@ async def job_events(request: HttpRequest, job_id: str):
     job = await sync_to_async(job_visible)(user=user, job_id=job_id)
     if job is None:
         return JsonResponse({"error": "Job not found."}, status=404)
+    if refusal := access_refusal(view="job-events", action="get", user=user, obj=job):
+        return JsonResponse({"error": refusal}, status=403)
     last_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id") or ""
     if last_id and not _EVENT_ID.match(last_id):
         return JsonResponse({"error": f"invalid Last-Event-ID {last_id!r}: use an event's id"}, status=400)

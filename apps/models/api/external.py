@@ -6,13 +6,16 @@ characters.
 
 from __future__ import annotations
 
-from rest_framework import permissions, serializers, status, viewsets
+from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
+from rest_framework import serializers, status, viewsets
 from rest_framework.response import Response
 
 from apps.models.models import RegisteredModel
 from apps.models.secrets import secret_hint
 from apps.models.selectors import model_list_external
 from apps.models.services import ModelError, model_delete_external, model_register_external, model_update_external
+from llmplatform.api_errors import ApiErrorSerializer as ApiError
+from llmplatform.permissions import access
 
 
 class ExternalModelSerializer(serializers.Serializer):
@@ -41,19 +44,26 @@ class ExternalModelSerializer(serializers.Serializer):
         return secret_hint(model.endpoint.api_key_encrypted)
 
 
+_UPSTREAM = {"endpoint": "https://api.example.com/v1", "upstream_model": "gpt-4o-mini", "api_key": "sk-example"}
+
+
+@extend_schema_view(
+    create=extend_schema(responses={201: ExternalModelSerializer, 409: ApiError},
+                         examples=[OpenApiExample("An upstream model", request_only=True,
+                                                  value={"name": "example-upstream", **_UPSTREAM})]),
+    update=extend_schema(examples=[OpenApiExample("A new upstream", request_only=True, value=_UPSTREAM)]),
+    partial_update=extend_schema(examples=[OpenApiExample("Switched off", request_only=True,
+                                                          value={"is_active": False})]),
+)
 class ExternalModelViewSet(viewsets.ModelViewSet):
     """Models served by another OpenAI-compatible server. Anyone signed in may list them; staff change them."""
 
     serializer_class = ExternalModelSerializer
+    permission_classes = access("external-models")
     lookup_value_regex = r"[^/]+"
 
     def get_queryset(self):
         return model_list_external()
-
-    def get_permissions(self):
-        if self.action in ("list", "retrieve"):
-            return [permissions.IsAuthenticated()]
-        return [permissions.IsAdminUser()]
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)

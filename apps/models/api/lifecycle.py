@@ -7,7 +7,7 @@ import re
 
 from asgiref.sync import async_to_sync
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -27,7 +27,9 @@ from apps.models.services import (
 )
 from apps.nodes.selectors import node_get
 from apps.nodes.services import node_models_unload
+from llmplatform.api_errors import ApiErrorSerializer as ApiError
 from llmplatform.authentication import request_user
+from llmplatform.permissions import access, access_refusal
 
 
 def _error(message: str, code: int) -> Response:
@@ -35,8 +37,10 @@ def _error(message: str, code: int) -> Response:
 
 
 class HubSearchView(APIView):
+    permission_classes = access("hf-search")
+
     @extend_schema(summary="Search Hugging Face models", parameters=[
-        OpenApiParameter("q", str, required=True), OpenApiParameter("limit", int)], responses={200: dict})
+        OpenApiParameter("q", str, required=True), OpenApiParameter("limit", int)], responses={200: dict, 502: ApiError})
     def get(self, request):
         query = request.query_params.get("q", "").strip()
         if not query:
@@ -49,8 +53,11 @@ class HubSearchView(APIView):
 
 
 class HubFilesView(APIView):
+    permission_classes = access("hf-files")
+
     @extend_schema(summary="A Hugging Face repo's files, to pick a GGUF quant", parameters=[
-        OpenApiParameter("repo", str, required=True), OpenApiParameter("revision", str)], responses={200: dict})
+        OpenApiParameter("repo", str, required=True), OpenApiParameter("revision", str)],
+        responses={200: dict, 404: ApiError, 502: ApiError})
     def get(self, request):
         repo = request.query_params.get("repo", "").strip()
         if not repo:
@@ -94,42 +101,63 @@ def _start(serializer_class, request, start) -> Response:
 
 
 class HubRegisterView(APIView):
+    permission_classes = access("hf-register")
+
     @extend_schema(summary="Register a GGUF file of a Hugging Face repo: starts a download job",
-                   request=HubRegisterSerializer, responses={202: JobSerializer, 400: dict, 404: dict, 409: dict})
+                   examples=[OpenApiExample("A GGUF file", request_only=True, value={
+                       "repo_id": "bartowski/SmolLM2-135M-Instruct-GGUF",
+                       "filename": "SmolLM2-135M-Instruct-Q4_K_M.gguf"})],
+                   request=HubRegisterSerializer,
+                   responses={202: JobSerializer, 404: ApiError, 409: ApiError, 503: ApiError})
     def post(self, request):
         return _start(HubRegisterSerializer, request, lambda data, user: model_download_start(**data, user=user))
 
 
 class ConvertView(APIView):
+    permission_classes = access("convert")
+
     @extend_schema(summary="Convert a Hugging Face checkpoint to GGUF (and optionally quantize it): starts a job",
-                   request=ConvertSerializer, responses={202: JobSerializer, 400: dict, 409: dict})
+                   examples=[OpenApiExample("A checkpoint, quantized", request_only=True, value={
+                       "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "outtype": "f16", "quantize": "Q4_K_M",
+                       "name": "smollm2-135m-q4"})],
+                   request=ConvertSerializer, responses={202: JobSerializer, 404: ApiError, 409: ApiError, 503: ApiError})
     def post(self, request):
         return _start(ConvertSerializer, request, lambda data, user: model_convert_start(**data, user=user))
 
 
 class QuantizeView(APIView):
+    permission_classes = access("quantize")
+
     @extend_schema(summary="Quantize a registered model: starts a job", request=QuantizeSerializer,
-                   responses={202: JobSerializer, 400: dict, 404: dict, 409: dict})
+                   examples=[OpenApiExample("The bundled model, to Q8_0", request_only=True,
+                                            value={"model": "smollm2-135m-instruct", "qtype": "Q8_0"})],
+                   responses={202: JobSerializer, 404: ApiError, 409: ApiError, 503: ApiError})
     def post(self, request):
         return _start(QuantizeSerializer, request, lambda data, user: model_quantize_start(
             source_model=data["model"], qtype=data["qtype"], name=data.get("name"), node=data.get("node"), user=user))
 
 
 class NodeCacheView(APIView):
-    @extend_schema(summary="Models a node holds on disk and has loaded in memory", responses={200: dict, 404: dict})
+    permission_classes = access("node-cache")
+
+    @extend_schema(summary="Models a node holds on disk (with when and why one failed to load there) and has loaded "
+                           "in memory", responses={200: dict})
     def get(self, request, node: str):
         found = node_get(ref=node)
         if found is None:
             return _error(f"Node {node!r} not found", 404)
-        held = [{"model": copy.model_id, "size_bytes": copy.size_bytes, "since": copy.created_at}
+        held = [{"model": copy.model_id, "size_bytes": copy.size_bytes, "since": copy.created_at,
+                 "load_failed_at": copy.load_failed_at, "load_error": copy.load_error}
                 for copy in model_copy_list(node=found)]
         return Response({"node": found.name, "held": held, "loaded": list(found.loaded_models)})
 
 
 class NodeCacheUnloadView(APIView):
+    permission_classes = access("node-cache-unload")
+
     @extend_schema(summary="Unload models from a node's memory (all when 'models' is absent)",
                    request={"application/json": {"type": "object", "properties": {
-                       "models": {"type": "array", "items": {"type": "string"}}}}}, responses={202: dict, 404: dict})
+                       "models": {"type": "array", "items": {"type": "string"}}}}}, responses={202: dict, 503: ApiError})
     def post(self, request, node: str):
         found = node_get(ref=node)
         if found is None:
@@ -145,8 +173,10 @@ class NodeCacheUnloadView(APIView):
 
 
 class NodeCacheDeleteView(APIView):
+    permission_classes = access("node-cache-delete")
+
     @extend_schema(summary="Delete a node's copy of a model (a node with its own cache, not the server's store)",
-                   responses={202: dict, 400: dict, 404: dict})
+                   responses={202: dict, 400: ApiError, 503: ApiError})
     def delete(self, request, node: str, model: str):
         found = node_get(ref=node)
         if found is None:
@@ -160,18 +190,21 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 def model_blob(request: HttpRequest, model_id: str) -> HttpResponse:
     """A model's file, with HTTP Range so a node's interrupted pull resumes. Auth: ``?token=`` from
-    ``blob_token`` (what nodes use), or an API key / session."""
+    ``blob_token`` (what nodes use), or the API key or session of staff or of the model's owner."""
     token = request.GET.get("token", "")
+    user = None
     if token:
         try:
             blob_token_check(token=token, model_id=model_id)
         except ModelError as exc:
             return JsonResponse(exc.body(), status=exc.status)
-    elif async_to_sync(request_user)(request) is None:
+    elif (user := async_to_sync(request_user)(request)) is None:
         return JsonResponse({"error": "Authentication credentials were not provided."}, status=401)
     model = model_get_file_backed(model_id=model_id)
     if model is None:
         return JsonResponse({"error": f"Model {model_id!r} not found"}, status=404)
+    if not token and (refusal := access_refusal(view="model-blob", action="get", user=user, obj=model)):
+        return JsonResponse({"error": refusal}, status=403)
     path = model_path(model)
     if not path.is_file():
         return JsonResponse({"error": f"The file of {model_id!r} is missing on the server"}, status=404)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
@@ -32,7 +32,9 @@ from apps.models.services import (
     model_unload_everywhere,
 )
 from apps.nodes.selectors import node_list_live
+from llmplatform.api_errors import ApiErrorSerializer as ApiError
 from llmplatform.api_input import JSONParser
+from llmplatform.permissions import access
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +84,23 @@ def _models_listing() -> dict:
 
 
 class HealthView(APIView):
+    permission_classes = access("local-health")
+
     @extend_schema(summary="Whether the API is up (local LLM API)", responses={200: dict})
     def get(self, request):
         return Response({"status": "healthy", "service": SERVICE_NAME, "version": SERVICE_VERSION})
 
 
 class ModelsView(APIView):
+    permission_classes = access("local-models")
     parser_classes = [MultiPartParser, JSONParser]
+
+    def initialize_request(self, request, *args, **kwargs):
+        # The GGUF handler streams the upload to disk; it must be in place before anything reads the body,
+        # and a session's CSRF check reads it during authentication, before the view runs.
+        if request.method == "POST" and request.content_type.startswith("multipart/form-data"):
+            request.upload_handlers = [GGUFUploadHandler(request)]
+        return super().initialize_request(request, *args, **kwargs)
 
     @extend_schema(summary="List models (local LLM API)", responses={200: dict})
     def get(self, request):
@@ -104,13 +116,15 @@ class ModelsView(APIView):
                        "application/json": {"type": "object", "properties": {
                            "name": {"type": "string"}, "api_key": {"type": "string"},
                            "endpoint": {"type": "string"}, "upstream_model": {"type": "string"}}}},
-                   responses={200: dict, 400: dict, 409: dict, 413: dict})
+                   examples=[OpenApiExample("An external API model", request_only=True, media_type="application/json",
+                                            value={"name": "example-api-model", "endpoint": "https://api.example.com/v1",
+                                                   "api_key": "sk-example", "upstream_model": "gpt-4o-mini"})],
+                   responses={200: dict, 409: ApiError, 413: ApiError})
     def post(self, request):
         if request.content_type.startswith("application/json"):
             return self._register_external(request)
         if not request.content_type.startswith("multipart/form-data"):
             return _error("No file part in the request", 400)
-        request._request.upload_handlers = [GGUFUploadHandler(request._request)]
         try:
             received = request.FILES.get(FILE_FIELD)
         except ParseError as exc:
@@ -129,8 +143,6 @@ class ModelsView(APIView):
                          "model_info": model_info(model)})
 
     def _register_external(self, request) -> Response:
-        if not request.user.is_staff:  # the server would call a URL of the caller's choosing
-            return _error("Only staff users may register external API models", 403)
         body = request.data if isinstance(request.data, dict) else {}
         name = str(body.get("name") or "").strip()
         endpoint = str(body.get("endpoint") or "").strip()
@@ -146,11 +158,15 @@ class ModelsView(APIView):
 
 
 class ModelDeleteView(APIView):
-    @extend_schema(summary="Delete a model (appends .gguf when missing)", responses={200: dict, 404: dict})
+    permission_classes = access("local-model-delete")
+
+    @extend_schema(summary="Delete a model (appends .gguf when missing)",
+                   responses={200: dict, 400: ApiError, 503: ApiError})
     def delete(self, request, name: str):
         model = model_get_by_name(name=name)
         if model is None:
             return _error("Model not found", 404)
+        self.check_object_permissions(request, model)
         filename = model.file_name or model.id
         model_delete(model=model)  # ModelError 400 for the bundled model; 503 when Redis does not answer
         return Response({"message": "Model deleted successfully", "filename": filename,
@@ -158,6 +174,8 @@ class ModelDeleteView(APIView):
 
 
 class ModelsSyncView(APIView):
+    permission_classes = access("local-models-sync")
+
     @extend_schema(summary="Synchronise the models list with the models directory", request=None,
                    responses={200: dict})
     def post(self, request):
@@ -170,13 +188,18 @@ class ModelsSyncView(APIView):
 
 
 class CacheClearView(APIView):
-    @extend_schema(summary="Unload every model from every live node's memory", request=None, responses={200: dict})
+    permission_classes = access("local-cache-clear")
+
+    @extend_schema(summary="Unload every model from every live node's memory", request=None,
+                   responses={200: dict, 503: ApiError})
     def post(self, request):
         nodes = model_unload_everywhere(model_ids=None)  # 503 when Redis does not answer
         return Response({"message": "Cache cleared successfully", "nodes": nodes})
 
 
 class CacheStatusView(APIView):
+    permission_classes = access("local-cache-status")
+
     @extend_schema(summary="Models loaded in memory, across live nodes", responses={200: dict})
     def get(self, request):
         try:

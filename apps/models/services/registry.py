@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.core import signing
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from apps.models.models import ModelCopy, ModelSource, RegisteredModel
 from apps.nodes.models import Node
@@ -70,13 +71,9 @@ def model_id_check(model_id: str) -> str:
     return model_id
 
 
-# The largest context length the registry stores (its column's range); no model comes near it.
-MAX_CONTEXT_LENGTH = 2**31 - 1
-
-
 def gguf_facts(path: Path) -> dict:
-    """The registry fields read from a GGUF file's header; ModelError when it is not a valid GGUF, or
-    records a context length no model has (under 1 or over MAX_CONTEXT_LENGTH)."""
+    """The registry fields read from a GGUF file's header; ModelError when it is not a valid GGUF or
+    records hyperparameters llama.cpp cannot load (``workers.gguf``: its header checks and bounds)."""
     from workers.gguf import GGUFError, read_header, summarize
 
     size = path.stat().st_size
@@ -85,14 +82,10 @@ def gguf_facts(path: Path) -> dict:
             summary = summarize(read_header(handle, file_size=size), file_size=size)
     except GGUFError as exc:
         raise ModelError(f"Invalid GGUF file: {exc}") from exc
-    context_length = summary.get("context_length")
-    if context_length is not None and not 1 <= context_length <= MAX_CONTEXT_LENGTH:
-        raise ModelError(f"Invalid GGUF file: its context length {context_length} is not between 1 and "
-                         f"{MAX_CONTEXT_LENGTH}")
     return {
         "architecture": summary.get("architecture") or "",
         "parameter_count": summary.get("parameter_count"),
-        "context_length": context_length,
+        "context_length": summary.get("context_length"),
         "file_type": summary.get("file_type") or "",
         "chat_template": summary.get("chat_template") or "",
         "metadata": summary.get("metadata") or {},
@@ -100,15 +93,31 @@ def gguf_facts(path: Path) -> dict:
     }
 
 
+def model_file_check(*, path: Path) -> dict:
+    """The registry fields of a new GGUF file once llama.cpp can load it: its header passes the
+    validator (``gguf_facts``) and a trial load in a limited child process (``workers.trial_load``)
+    succeeds. ModelError (400) with the reason otherwise; the reason names no server path."""
+    from workers.trial_load import trial_load
+
+    facts = gguf_facts(path)
+    result = trial_load(path, timeout=settings.LLMP_TRIAL_LOAD_TIMEOUT,
+                        extra_memory_bytes=settings.LLMP_TRIAL_LOAD_MEMORY_MB << 20)
+    if not result.ok:
+        logger.warning("trial load of %s refused it: %s (%s)", path.name, result.reason, result.as_dict())
+        raise ModelError(f"Invalid GGUF file: a trial load refused it: {result.reason}")
+    logger.info("trial load of %s passed in %.2f s", path.name, result.elapsed_s)
+    return facts
+
+
 def model_register_file(*, model_id: str, source: str, path: Path, sha256: str, node=None, created_by=None,
                         facts: dict | None = None, **origin) -> RegisteredModel:
     """Register a complete, verified GGUF file already at ``MODELS_DIR / <model_id>.gguf`` (or ``path``).
 
     ``origin``: hf_repo, hf_filename, hf_revision, parent. The file must already be where it
-    will stay; on a conflict the caller still owns it. ``facts``: ``gguf_facts(path)`` when the caller
-    already read them.
+    will stay; on a conflict the caller still owns it. ``facts``: ``model_file_check(path=path)``
+    when the caller already checked the file (its header and a trial load); else that runs here.
     """
-    facts = facts or gguf_facts(path)
+    facts = facts or model_file_check(path=path)
     try:
         with transaction.atomic():
             model = RegisteredModel.objects.create(id=model_id, source=source, file_name=path.name, sha256=sha256,
@@ -134,6 +143,41 @@ def model_copy_record_seen(*, model_id: str, node_name: str) -> bool:
         return False
     model_copy_record(model=model, node=node)
     return True
+
+
+def model_load_failure_record(*, model_id: str, node_name: str, error: str, file: dict) -> bool:
+    """A node's worker could not load a model (llama.cpp refused it, or its runner died loading it):
+    mark that node's copy failed, with why and which file (``file``: its size and mtime_ns there).
+
+    The gateway sends the model to other nodes meanwhile; the node tries it again once the file
+    differs, or after ``model_load_failure_clear``. False when the model or the node is unknown.
+    """
+    model = RegisteredModel.objects.filter(id=model_id).first()
+    node = Node.objects.filter(name=node_name).first()
+    if model is None or node is None:
+        return False
+    mark = {"load_failed_at": timezone.now(), "load_error": error[:2000],
+            "load_failed_file": {**file, "sha256": model.sha256}}
+    ModelCopy.objects.update_or_create(model=model, node=node, defaults=mark,
+                                       create_defaults={**mark, "size_bytes": file.get("size") or model.size_bytes})
+    logger.warning("model %s marked as failing to load on node %s: %s", model_id, node_name, error)
+    return True
+
+
+def model_load_failure_clear(*, model_id: str, node_name: str | None = None) -> list[str]:
+    """Clear a model's load-failure marks, on one node or on all: they try it again on its next request.
+
+    Returns the names of the nodes whose mark was cleared. Called by an operator (API, admin) and by
+    a node's worker that sees the file changed since it failed.
+    """
+    marked = ModelCopy.objects.filter(model_id=model_id, load_failed_at__isnull=False)
+    if node_name is not None:
+        marked = marked.filter(node__name=node_name)
+    names = sorted(marked.values_list("node__name", flat=True))
+    if names:
+        marked.update(load_failed_at=None, load_error="", load_failed_file={})
+        logger.info("load-failure mark of model %s cleared on %s", model_id, ", ".join(names))
+    return names
 
 
 def model_path(model: RegisteredModel) -> Path:
@@ -171,7 +215,7 @@ def model_register_upload(*, received: ReceivedFile, created_by=None) -> Registe
         raise ModelError("No file selected")
     if RegisteredModel.objects.filter(id=model_id).exists() or RegisteredModel.objects.filter(file_name=name).exists():
         raise ModelConflict("File already exists")
-    facts = gguf_facts(received.path)  # the whole header, before the file goes where workers look
+    facts = model_file_check(path=received.path)  # header and trial load, before the file goes where workers look
     final = settings.MODELS_DIR / name
     try:
         os.link(received.path, final)

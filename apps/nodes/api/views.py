@@ -1,6 +1,6 @@
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, permissions, status, viewsets
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
@@ -10,8 +10,14 @@ from apps.nodes.api.serializers import NodeMaintenanceSerializer, NodeMetricsQue
 from apps.nodes.models import Node
 from apps.nodes.selectors import node_get, node_list_with_status, node_metrics_history
 from apps.nodes.services import node_cordon, node_delete, node_drain, node_uncordon
+from llmplatform.api_errors import ApiErrorSerializer as ApiError
+from llmplatform.permissions import access
+
+_NODE_REF = OpenApiParameter("id", str, OpenApiParameter.PATH, description="The node's numeric id or its name.")
 
 
+@extend_schema_view(**{name: extend_schema(parameters=[_NODE_REF]) for name in
+                       ("retrieve", "destroy", "cordon", "uncordon", "drain", "metrics")})
 class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     """Worker nodes of the fleet: status, hardware, loaded models, metrics history and maintenance.
 
@@ -21,15 +27,10 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
 
     serializer_class = NodeSerializer
     filterset_class = NodeFilter
-    staff_actions = {"cordon", "uncordon", "drain", "destroy"}
+    permission_classes = access("nodes")
 
     def get_queryset(self):
         return node_list_with_status()
-
-    def get_permissions(self):
-        if self.action in self.staff_actions:
-            return [permissions.IsAdminUser()]
-        return super().get_permissions()
 
     def get_object(self) -> Node:
         ref = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
@@ -57,7 +58,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
         """The node (or the ``gpus`` given) takes new requests again."""
         return self._maintain(request, node_uncordon)
 
-    @extend_schema(request=NodeMaintenanceSerializer)
+    @extend_schema(request=NodeMaintenanceSerializer, responses={202: NodeSerializer, 503: ApiError})
     @action(detail=True, methods=["post"])
     def drain(self, request, pk=None):
         """Cordon, then unload the node's models once their requests in flight finish (202: under way)."""
