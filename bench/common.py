@@ -96,8 +96,10 @@ def machine() -> dict:
                                      capture_output=True, text=True).stdout.strip()}
 
 
-def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, log_dir: Path, slots: int = 1):
-    """Start llama.cpp's own server (``slots`` parallel sequences of ``n_ctx`` each); returns it and its /v1 URL."""
+def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, log_dir: Path, slots: int = 1,
+                       env: dict[str, str] | None = None):
+    """Start llama.cpp's own server (``slots`` parallel sequences of ``n_ctx`` each, with ``env`` added to its
+    environment); returns it and its /v1 URL."""
     import httpx
 
     from llmplatform import devstack
@@ -106,7 +108,7 @@ def llama_server_start(binary: Path, model: Path, *, threads: int, n_ctx: int, l
     log = open(log_dir / f"llama-server-t{threads}-np{slots}.log", "wb")
     process = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                                 "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * slots), "-np", str(slots),
-                                "--no-webui"], stdout=log, stderr=subprocess.STDOUT)
+                                "--no-webui"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -109,6 +109,7 @@ def main() -> None:
     from llmplatform import devstack
     from tools import llama_build
     from workers.bundled import bundled_model_path
+    from workers.engine.supervisor import RUNNER_OMP_SPINCOUNT
     from workers.hardware import inference_threads, usable_cpus
 
     threads = inference_threads(settings.LLMP_N_THREADS)
@@ -145,22 +146,28 @@ def main() -> None:
             return sample
         return run
 
-    # The peer at its best: every thread count from 1 to the usable CPUs, the fastest single stream kept.
-    tuning = {}
+    # The peer at its best: every thread count from 1 to the usable CPUs, with OpenMP's default wait and
+    # with the short one our runners use (RUNNER_OMP_SPINCOUNT), the fastest single stream kept.
+    tuning, settings_tried = {}, {}
     for candidate in range(1, usable_cpus() + 1):
-        peer, peer_url = llama_server_start(bin_dir / "llama-server", model_file, threads=candidate,
-                                            n_ctx=settings.LLMP_N_CTX, log_dir=log_dir, slots=PEER_SLOTS)
-        try:
-            run = streamer(openai.OpenAI(base_url=peer_url, api_key="none", max_retries=0), ours=False)
-            run("warm up")
-            tuning[candidate] = summarise(concurrency(run, 1, 6))["aggregate_tokens_per_s"]
-        finally:
-            peer.terminate()
-            peer.wait()
-    peer_threads = max(tuning, key=tuning.get)
-    print(f"llama-server tokens/s by threads: {tuning}; using -t {peer_threads} (the node uses {threads})", flush=True)
+        for wait in ("default", RUNNER_OMP_SPINCOUNT):
+            env = {} if wait == "default" else {"GOMP_SPINCOUNT": wait}
+            peer, peer_url = llama_server_start(bin_dir / "llama-server", model_file, threads=candidate,
+                                                n_ctx=settings.LLMP_N_CTX, log_dir=log_dir, slots=PEER_SLOTS, env=env)
+            try:
+                run = streamer(openai.OpenAI(base_url=peer_url, api_key="none", max_retries=0), ours=False)
+                run("warm up")
+                name = f"t{candidate} spin {wait}"
+                tuning[name] = summarise(concurrency(run, 1, 6))["aggregate_tokens_per_s"]
+                settings_tried[name] = (candidate, env)
+            finally:
+                peer.terminate()
+                peer.wait()
+    best = max(tuning, key=tuning.get)
+    peer_threads, peer_env = settings_tried[best]
+    print(f"llama-server tokens/s by setting: {tuning}; using {best} (the node uses {threads} threads)", flush=True)
     peer, peer_url = llama_server_start(bin_dir / "llama-server", model_file, threads=peer_threads,
-                                        n_ctx=settings.LLMP_N_CTX, log_dir=log_dir, slots=PEER_SLOTS)
+                                        n_ctx=settings.LLMP_N_CTX, log_dir=log_dir, slots=PEER_SLOTS, env=peer_env)
     stack = devstack.stack_start("bench", env=devstack.child_env(), log_dir=log_dir)
     results: dict = {"llama_server": {}, "platform": {}}
     raw: dict = {"llama_server": {}, "platform": {}}
@@ -215,7 +222,8 @@ def main() -> None:
         "model": model, "sampling": sampling, "threads": threads, "n_ctx_per_sequence": settings.LLMP_N_CTX,
         "llama_server": {"sampling_added": PEER_FULL_VOCABULARY,
                          "command": f"llama-server -m MODEL -np {PEER_SLOTS} -c {PEER_SLOTS * settings.LLMP_N_CTX} "
-                                    f"-t {peer_threads} -tb {peer_threads}", "tokens_per_s_by_threads": tuning},
+                                    f"-t {peer_threads} -tb {peer_threads}", "environment": peer_env,
+                         "tokens_per_s_by_setting": tuning},
         "platform": {"slots_per_model": settings.LLMP_POOL_SLOTS_PER_MODEL},
         "results": results, "ratios_platform_over_llama_server": ratios,
         "second_turn_of_a_long_conversation": conversation,

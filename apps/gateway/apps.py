@@ -9,3 +9,6 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         from apps.gateway import schema  # noqa: F401  (registers the OpenAPI auth scheme)
+        from apps.gateway.lookups import lookups_connect
+
+        lookups_connect()

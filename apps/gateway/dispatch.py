@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import NamedTuple
 
 from asgiref.sync import sync_to_async
@@ -18,11 +17,12 @@ from django.conf import settings
 
 from apps.fit.selectors import FitLevel, fit_levels
 from apps.gateway.errors import OpenAIError, model_load_failed, no_worker
+from apps.gateway.lookups import lookup_live_nodes
 from apps.gateway.streams import FINAL_EVENTS, stream_reader
 from apps.models.models import ModelCopy, RegisteredModel
 from apps.models.selectors import model_load_failures
 from apps.nodes.models import Node, NodeStatus
-from apps.nodes.selectors import node_list_live, node_list_unhealthy
+from apps.nodes.selectors import node_list_unhealthy
 from llmplatform.aioredis import redis_client
 from llmplatform.celery import app as celery_app
 from workers import protocol
@@ -63,7 +63,7 @@ class Placement(NamedTuple):
 
 async def node_pick(model: RegisteredModel) -> Placement:
     """The live node to serve ``model`` (see ``node_choose``)."""
-    nodes = [node async for node in node_list_live()]
+    nodes = await lookup_live_nodes()
     if not nodes:
         unhealthy = [node.name async for node in node_list_unhealthy()]
         if unhealthy:
@@ -150,15 +150,20 @@ async def request_send(*, message: InferenceRequest, node: Node) -> str | None:
     The message expires with the queue timeout: once the gateway has given up waiting, no worker
     (a restarted one, or one that gets a message back from a dead one) runs it. Its task id is the
     request id, so the worker's log names the request.
+
+    The Celery message is sent on the event loop's own thread, without retries: one LPUSH to a local
+    Redis takes well under a millisecond, while handing it to a thread costs more than that under a
+    burst (every hop waits for the GIL behind the other requests' work). A Redis that refuses it fails
+    the request at once (503), as the stream it would be answered on is in that Redis too.
     """
     request_id = message.request_id
-    send = partial(celery_app.send_task, protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id,
-                   kwargs=message.to_wire(), expires=settings.LLMP_QUEUE_TIMEOUT)
     track = redis_client().pipeline(transaction=False)
     track.zadd(_inflight_key(node.name), {request_id: time.time()})
     track.zremrangebyscore(_inflight_key(node.name), "-inf", _inflight_horizon())
     track.get(protocol.node_incarnation_key(settings.LLMP_REDIS_PREFIX, node.name))
-    _, tracked = await asyncio.gather(asyncio.to_thread(send), track.execute())
+    tracked = await track.execute()
+    celery_app.send_task(protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id, kwargs=message.to_wire(),
+                         expires=settings.LLMP_QUEUE_TIMEOUT, retry=False)
     return tracked[-1].decode() if tracked[-1] else None
 
 

@@ -1,21 +1,31 @@
 """Recording one /v1 request in the request history, without delaying the response.
 
 The row is inserted as soon as the request is understood (so a request is on record even if
-the gateway dies mid-stream) and completed when it ends, both in the background.
+the gateway dies mid-stream) and completed when it ends, both in the background. The writes of
+every request on an event loop go through one writer, which applies what has gathered since its
+last batch in one transaction on Django's database thread: a burst of requests costs a few commits,
+not two each, and its writes do not queue one by one in front of the requests that follow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+import weakref
+from dataclasses import dataclass, field
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from apps.gateway.errors import OpenAIError
 from apps.gateway.models import ApiKey, RequestLog, RequestStatus
 from llmplatform.background import spawn
+
+logger = logging.getLogger(__name__)
 
 # Fields of a /v1 body that carry what the client wrote: prompts, message contents, inputs.
 _CLIENT_TEXT = ("messages", "prompt", "input")
@@ -62,6 +72,98 @@ def _kept_response(body):
     return _answer_without_text(body, drop=policy == "metadata")
 
 
+@dataclass
+class _Write:
+    """One row's pending write: its insert (``create``, all its fields) and/or its completion (``update``)."""
+
+    row_id: uuid.UUID
+    create: dict | None = None
+    update: dict | None = None
+    done: list[asyncio.Future] = field(default_factory=list)
+
+
+def _apply(writes: list[_Write]) -> list[BaseException | None]:
+    """Apply a batch in one transaction; if that fails, each write alone, so one bad row loses only itself."""
+    try:
+        with transaction.atomic():
+            _apply_all(writes)
+        return [None] * len(writes)
+    except Exception:
+        logger.exception("writing %d request history rows in one batch failed; writing them one by one", len(writes))
+    outcomes: list[BaseException | None] = []
+    for write in writes:
+        try:
+            with transaction.atomic():
+                _apply_all([write])
+            outcomes.append(None)
+        except Exception as exc:
+            logger.exception("writing request history row %s failed", write.row_id)
+            outcomes.append(exc)
+    return outcomes
+
+
+def _apply_all(writes: list[_Write]) -> None:
+    creates = [RequestLog(id=w.row_id, **w.create, **(w.update or {})) for w in writes if w.create is not None]
+    if creates:
+        RequestLog.objects.bulk_create(creates)
+    for write in writes:
+        if write.create is None and write.update:
+            RequestLog.objects.filter(pk=write.row_id).update(**write.update)
+
+
+class _HistoryWriter:
+    """The request history writes of one event loop, applied in batches (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[uuid.UUID, _Write] = {}
+        self._task: asyncio.Task | None = None
+
+    def submit(self, row_id: uuid.UUID, *, create: dict | None = None, update: dict | None = None) -> asyncio.Future:
+        """Queue a row's insert or completion; the future is done once the write is over (see ``_settle``)."""
+        write = self._pending.get(row_id)
+        if write is None:
+            write = self._pending[row_id] = _Write(row_id)
+        if create is not None:
+            write.create = create
+        if update is not None:
+            write.update = {**(write.update or {}), **update}
+        future = asyncio.get_running_loop().create_future()
+        write.done.append(future)
+        if self._task is None or self._task.done():
+            self._task = spawn(self._run())
+        return future
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending = list(self._pending.values()), {}
+            try:
+                outcomes = await sync_to_async(_apply)(batch)
+            except BaseException as exc:  # the event loop is closing, or the database thread failed
+                _settle(batch, [exc] * len(batch))
+                raise
+            _settle(batch, outcomes)
+
+
+def _settle(batch: list[_Write], outcomes: list[BaseException | None]) -> None:
+    """Each write's futures resolve to None, or to the exception that lost it (they never raise: the
+    failure is logged where it happened, and a waiter only needs to know the write is over)."""
+    for write, outcome in zip(batch, outcomes):
+        for future in write.done:
+            if not future.done():
+                future.set_result(outcome)
+
+
+_writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HistoryWriter] = weakref.WeakKeyDictionary()
+
+
+def _writer() -> _HistoryWriter:
+    loop = asyncio.get_running_loop()
+    writer = _writers.get(loop)
+    if writer is None:
+        writer = _writers[loop] = _HistoryWriter()
+    return writer
+
+
 class RequestRecord:
     def __init__(self, *, method: str, path: str) -> None:
         self.id = uuid.uuid4()
@@ -83,7 +185,7 @@ class RequestRecord:
         if "request_body" in fields:
             fields["request_body"] = _kept_request(fields["request_body"])
         self.fields.update(fields)
-        self._insert = spawn(RequestLog.objects.acreate(id=self.id, **self.fields))
+        self._insert = _writer().submit(self.id, create=dict(self.fields))
 
     def first_token(self) -> None:
         if self.first_token_at is None:
@@ -106,7 +208,10 @@ class RequestRecord:
         if usage:
             updates.update(prompt_tokens=usage.get("prompt_tokens", 0),
                            completion_tokens=usage.get("completion_tokens", 0))
-        self._closing = spawn(self._write(updates))
+        if self._insert is None:  # never opened (refused early): one insert of everything
+            self._closing = _writer().submit(self.id, create={**self.fields, **updates})
+        else:
+            self._closing = _writer().submit(self.id, update=updates)
 
     async def written(self) -> None:
         """Until the writes started so far are done: for a caller whose event loop ends with the request
@@ -117,10 +222,3 @@ class RequestRecord:
 
     def fail(self, error: OpenAIError) -> None:
         self.close(status=RequestStatus.FAILED, status_code=error.status, error=error)
-
-    async def _write(self, updates: dict) -> None:
-        if self._insert is None:
-            await RequestLog.objects.acreate(id=self.id, **self.fields, **updates)
-        else:
-            await self._insert
-            await RequestLog.objects.filter(pk=self.id).aupdate(**updates)

@@ -39,6 +39,23 @@ READ_COUNT = 512  # entries per stream per XREAD
 WAKE_TTL_SECONDS = 3600
 FINAL_EVENTS = frozenset({protocol.EVENT_DONE, protocol.EVENT_ERROR, protocol.EVENT_CANCELLED})
 
+def _resp_command(args: list) -> bytes:
+    """A command in Redis's wire format (RESP), its arguments str or bytes."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _fields(flat) -> dict:
+    """An entry's fields as a dict (RESP2 sends them as a flat list of names and values)."""
+    if isinstance(flat, dict):
+        return flat
+    pairs = iter(flat)
+    return dict(zip(pairs, pairs))
+
+
 _readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamReader] = weakref.WeakKeyDictionary()
 
 
@@ -97,6 +114,7 @@ class StreamReader:
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._client: aioredis.Redis | None = None
+        self._raw: aioredis.Connection | None = None  # the reader's own connection, taken from _client
         self._next_check = 0.0
         self._heartbeat_task: asyncio.Task | None = None
         self._next_heartbeat_check = 0.0
@@ -140,6 +158,24 @@ class StreamReader:
             self._client = redis_client_dedicated(role="reader", read_timeout=LIVENESS_CHECK_SECONDS)
         return self._client
 
+    async def _xread(self, streams: dict, *, block_ms: int | None) -> list:
+        """XREAD on the reader's connection, spoken directly: the client's command layer (pool checkout,
+        retries, reply callbacks) costs more than the read itself, and the reader does one per token.
+        Returns ``[(key, [(entry_id, fields), ...]), ...]`` whether Redis answers in RESP2 or RESP3."""
+        if self._raw is None:
+            pool = self._connection().connection_pool
+            self._raw = await pool.get_connection()  # held until the connection is reset
+        args = [b"XREAD", b"COUNT", b"%d" % READ_COUNT]
+        if block_ms is not None:
+            args += [b"BLOCK", b"%d" % block_ms]
+        args += [b"STREAMS", *streams.keys(), *streams.values()]
+        await self._raw.send_packed_command(_resp_command(args), check_health=False)
+        reply = await self._raw.read_response()
+        if not reply:
+            return []
+        pairs = reply.items() if isinstance(reply, dict) else reply
+        return [(key, [(entry_id, _fields(flat)) for entry_id, flat in entries]) for key, entries in pairs]
+
     async def _run(self) -> None:
         try:
             await self._serve()
@@ -182,8 +218,7 @@ class StreamReader:
         block_ms = max(1, int((self._next_check - time.monotonic()) * 1000))
         self._reading, self._woken = True, False
         try:
-            reply = await self._connection().xread(streams, block=min(block_ms, int(LIVENESS_CHECK_SECONDS * 1000)),
-                                                   count=READ_COUNT)
+            reply = await self._xread(streams, block_ms=min(block_ms, int(LIVENESS_CHECK_SECONDS * 1000)))
         finally:
             self._reading = False
         self._deliver(reply)
@@ -218,7 +253,7 @@ class StreamReader:
         waiting = sorted({sub.node for sub in self._subs.values() if not sub.started and not sub.incarnation})
         if not watched and not waiting:
             return {}
-        pipe = self._connection().pipeline(transaction=False)
+        pipe = redis_client().pipeline(transaction=False)
         for incarnation in watched:
             pipe.exists(protocol.worker_alive_key(prefix, incarnation))
         for node in waiting:
@@ -272,8 +307,7 @@ class StreamReader:
         if not doomed:
             return
         watched = {sub: sub.incarnation for sub in doomed}
-        reply = await self._connection().xread({sub.key: sub.last_id for sub in doomed}, count=READ_COUNT)
-        self._deliver(reply)
+        self._deliver(await self._xread({sub.key: sub.last_id for sub in doomed}, block_ms=None))
         for sub, error in doomed.items():
             if self._subs.get(sub.key) is sub and sub.incarnation == watched[sub]:
                 self.unsubscribe(sub)
@@ -286,6 +320,13 @@ class StreamReader:
 
     async def _close_connection(self) -> None:
         client, self._client = self._client, None
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                await raw.disconnect()
+                await client.connection_pool.release(raw)
+            except Exception:  # it was broken already
+                pass
         if client is not None:
             try:
                 await client.aclose()

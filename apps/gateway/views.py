@@ -14,6 +14,7 @@ from apps.gateway import validation
 from apps.gateway.errors import OpenAIError, broker_unavailable, invalid_api_key, model_not_found
 from apps.gateway.history import RequestRecord
 from apps.gateway.inference import Generation, generation_collect, generation_stream
+from apps.gateway.lookups import lookup_model
 from apps.gateway.models import ApiKey, RequestStatus
 from apps.gateway.selectors import api_key_check
 from apps.gateway.services import api_key_touch
@@ -70,7 +71,7 @@ async def _serve(request: HttpRequest, parse) -> HttpResponse:
         await _authenticate(request, record)
         valid = parse(validation.parse_json(_body(request)))
         record.fields["model"] = valid.model
-        model = await model_get_active(model_id=valid.model)
+        model = await lookup_model(model_id=valid.model)
         if model is None:
             raise model_not_found(valid.model)
         if model.is_external:  # served by another OpenAI-compatible server, not by a node

@@ -8,6 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.nodes.models import Node, NodeMetric, node_queue_name
+from llmplatform.epochs import EPOCH_NODES, epoch_bump
 from llmplatform.errors import ApplicationError
 from workers.protocol import TASK_MODELS_UNLOAD
 
@@ -71,6 +72,7 @@ def node_heartbeat_record(*, name: str, loaded_models: list[str], metrics: dict 
 def node_mark_offline(*, name: str) -> None:
     """A worker shutting down cleanly takes its node out of routing at once."""
     Node.objects.filter(name=name).update(last_heartbeat=timezone.now() - timedelta(days=1), loaded_models=[])
+    epoch_bump(EPOCH_NODES)  # an update() sends no post_save: tell the gateways' copies of the live nodes
 
 
 def _checked_gpus(node: Node, gpus: list[int]) -> set[int]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import uuid
 from datetime import timedelta
 
 import httpx
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.utils import timezone
 
@@ -42,10 +44,27 @@ def test_create_api_key_prints_a_working_key_on_its_last_line(platform):
 def test_an_expired_key_is_refused(platform):
     key, raw_key = api_key_create(name="short-lived", expires_in=timedelta(hours=1))
     assert _models_status(platform, raw_key) == 200
-    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    key.expires_at = timezone.now() - timedelta(seconds=1)
+    key.save(update_fields=["expires_at"])
     response = httpx.get(f"{platform.base_url}/v1/models", headers={"Authorization": f"Bearer {raw_key}"})
     assert response.status_code == 401
     assert "expired" in response.json()["error"]["message"]
+
+
+def test_a_key_revoked_after_use_is_refused_by_the_next_request(platform):
+    key, raw_key = api_key_create(name="used, then revoked")
+    assert _models_status(platform, raw_key) == 200  # the gateway now keeps a copy of the key
+    api_key_revoke(key=key)
+    assert _models_status(platform, raw_key) == 401
+
+
+def test_a_key_whose_user_is_deactivated_after_use_is_refused_by_the_next_request(platform):
+    user = get_user_model().objects.create_user(username=f"leaver-{uuid.uuid4().hex[:8]}", password="x")
+    _, raw_key = api_key_create(name="a leaver's", user=user)
+    assert _models_status(platform, raw_key) == 200
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    assert _models_status(platform, raw_key) == 401
 
 
 def test_a_revoked_key_is_refused(platform):

@@ -13,7 +13,7 @@ import redis as redis_lib
 from workers import protocol
 from workers.bundled import bundled_model_path
 from workers.engine.process import RunnerConfig
-from workers.engine.supervisor import PoolExhausted, RunnerPool
+from workers.engine.supervisor import RUNNER_OMP_SPINCOUNT, PoolExhausted, RunnerPool, runner_environment
 from workers.messages import InferenceRequest, ModelRef
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -207,3 +207,12 @@ def test_text_that_is_not_text_is_a_400_and_the_runner_serves_on(pool, redis, pr
     pid = pool.runners()[0]["pid"]
     assert events(redis, prefix, submit(pool, chat(max_tokens=2)))[-1][0] == "done"
     assert pool.runners()[0]["pid"] == pid
+
+
+def test_a_runner_waits_between_steps_without_spinning_unless_the_operator_says_otherwise(pool, redis, prefix):
+    events(redis, prefix, submit(pool, chat(max_tokens=2)))
+    pid = pool.runners()[0]["pid"]
+    environ = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+    assert environ["GOMP_SPINCOUNT"] == RUNNER_OMP_SPINCOUNT
+    assert runner_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert runner_environment({"GOMP_SPINCOUNT": "1000000"})["GOMP_SPINCOUNT"] == "1000000"

@@ -20,6 +20,7 @@ from django.db.models import QuerySet
 from apps.models.models import ExternalEndpoint, ModelSource, RegisteredModel
 from apps.models.secrets import SecretUnreadable, secret_encrypt, secret_reencrypt
 from apps.models.services.registry import ModelConflict, ModelError, model_id_check
+from llmplatform.epochs import EPOCH_MODELS, epoch_bump
 
 logger = logging.getLogger(__name__)
 
@@ -140,5 +141,6 @@ def external_keys_reencrypt(*, previous_sources: Sequence[str],
         if fresh != token and rows.filter(pk=model_id, api_key_encrypted=token).update(api_key_encrypted=fresh):
             done.reencrypted.append(model_id)
     if done.reencrypted:
+        epoch_bump(EPOCH_MODELS)  # update() sends no post_save
         logger.info("Re-encrypted the stored upstream API keys of %s under the current key", ", ".join(done.reencrypted))
     return done
