@@ -66,6 +66,27 @@ def start_server(port: int, *, env: dict[str, str], log_dir: Path) -> Process:
                                     "--port", str(port), "--no-access-log"], env=env, log_dir=log_dir)
 
 
+def server_start_live(*, env: dict[str, str], log_dir: Path, what: str = "the server",
+                      timeout: float = 60) -> tuple[str, Process]:
+    """Start an ASGI server on a free port and wait until its /health answers; returns its URL and process."""
+    port = free_port()
+    server = start_server(port, env=env, log_dir=log_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{base_url}/health"), timeout=timeout, what=what, processes=(server,))
+    except BaseException:
+        server.stop()
+        raise
+    return base_url, server
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_until(predicate, *, timeout: float, interval: float = 0.1, what: str,
                processes: tuple[Process, ...] = ()) -> None:
     """Poll ``predicate`` until it holds; fail early, with logs, if a process dies."""

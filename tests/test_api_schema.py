@@ -86,12 +86,9 @@ def hub():
 @pytest.fixture(scope="module")
 def schema_server(platform, hub, tmp_path_factory) -> tuple[str, devstack.Process]:
     """An ASGI server like the session's, whose HF_ENDPOINT is the fake hub (the session's server has none)."""
-    port = devstack.free_port()
-    server = devstack.start_server(port, env=devstack.child_env(HF_ENDPOINT=hub.endpoint),
-                                   log_dir=Path(tmp_path_factory.mktemp("schema-server-logs")))
-    base_url = f"http://127.0.0.1:{port}"
-    devstack.wait_until(lambda: httpx.get(f"{base_url}/health", timeout=2).status_code == 200, timeout=60,
-                        what="the schema test's server", processes=(server,))
+    base_url, server = devstack.server_start_live(env=devstack.child_env(HF_ENDPOINT=hub.endpoint),
+                                                  log_dir=Path(tmp_path_factory.mktemp("schema-server-logs")),
+                                                  what="the schema test's server")
     yield base_url, server
     server.stop()
 

@@ -30,12 +30,7 @@ pytestmark = pytest.mark.live
 
 def _server(log_dir: Path, **env: str) -> tuple[str, devstack.Process]:
     """A uvicorn server on the session's database, with ``env`` on top of the test environment."""
-    port = devstack.free_port()
-    server = devstack.start_server(port, env=devstack.child_env(**env), log_dir=log_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    devstack.wait_until(lambda: httpx.get(f"{base_url}/health", timeout=2).status_code == 200, timeout=60,
-                        what="the guarded server", processes=(server,))
-    return base_url, server
+    return devstack.server_start_live(env=devstack.child_env(**env), log_dir=log_dir, what="the guarded server")
 
 
 @pytest.fixture(scope="module")

@@ -114,15 +114,6 @@ async def lookup_live_nodes() -> list[Node]:
     return await _copies[NODES].get("live", load)
 
 
-def lookups_forget() -> None:
-    """Drop every copy (for tests that change rows behind the ORM's back)."""
-    global _epochs_read_by
-    _epochs_read_by = None
-    for copy in _copies.values():
-        copy.rows.clear()
-        copy.epoch = None
-
-
 def _bumper(kind: str):
     def bump(sender, **kwargs) -> None:
         epoch_bump(kind)

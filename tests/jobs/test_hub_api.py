@@ -20,12 +20,9 @@ pytestmark = pytest.mark.live
 @pytest.fixture(scope="module")
 def hub_server(hub, platform, api_key, tmp_path_factory):
     """An ASGI server whose HF_ENDPOINT is the fake hub (the session's server has none)."""
-    port = devstack.free_port()
-    server = devstack.start_server(port, env=devstack.child_env(HF_ENDPOINT=hub.endpoint),
-                                   log_dir=Path(tmp_path_factory.mktemp("hub-server-logs")))
-    base_url = f"http://127.0.0.1:{port}"
-    devstack.wait_until(lambda: httpx.get(f"{base_url}/health", timeout=2).status_code == 200, timeout=60,
-                        what="the hub server", processes=(server,))
+    base_url, server = devstack.server_start_live(env=devstack.child_env(HF_ENDPOINT=hub.endpoint),
+                                                  log_dir=Path(tmp_path_factory.mktemp("hub-server-logs")),
+                                                  what="the hub server")
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60) as client:
         yield client
     server.stop()
