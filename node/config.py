@@ -76,6 +76,7 @@ def node_config() -> NodeConfig:
         n_gpu_layers=settings.LLMP_N_GPU_LAYERS,
         n_threads=settings.LLMP_N_THREADS,
         n_slots=settings.LLMP_POOL_SLOTS_PER_MODEL,
+        stream_interval_ms=settings.LLMP_STREAM_INTERVAL_MS,
     )
 
 

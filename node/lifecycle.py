@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
 import psutil
 from celery import bootsteps
@@ -12,6 +13,8 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from workers.selftest import SelfTest, SelfTestResult, selftest_advice, selftest_model
+
+LOADED_CHECK_SECONDS = 0.5  # how often the heartbeat thread looks for a change in the loaded models
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +96,17 @@ class NodeLifecycle(bootsteps.StartStopStep):
         from workers.metrics import metrics_sample
 
         psutil.cpu_percent(interval=None)  # starts the CPU-use measurement the first sample reads
-        while not self._stop.wait(settings.LLMP_HEARTBEAT_INTERVAL):
+        # A change in the loaded models is told at once, not at the next beat: until the gateway sees a
+        # model loaded here it places that model's requests as if it were not (on another node, perhaps).
+        check = min(LOADED_CHECK_SECONDS, settings.LLMP_HEARTBEAT_INTERVAL)
+        beaten_at, told = time.monotonic(), None
+        while not self._stop.wait(check):
             try:
-                close_old_connections()
                 loaded = loaded_model_ids()
+                if loaded == told and time.monotonic() - beaten_at < settings.LLMP_HEARTBEAT_INTERVAL:
+                    continue
+                beaten_at, told = time.monotonic(), loaded
+                close_old_connections()
                 sample = metrics_sample(requests_in_flight=node_pool().in_flight(), gpu_index=gpu_index())
                 recorded = node_heartbeat_record(name=node_name(), loaded_models=loaded, metrics=sample,
                                                  runners={"runners": node_pool().runners(), "exits": node_pool().exits})

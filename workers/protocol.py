@@ -97,10 +97,16 @@ class StreamHub:
     expiry and, in the same round trip, reads the cancel flag of every open request; it goes
     round at least every ``poll_seconds`` while requests are open, so a cancel is seen promptly
     even while no token is produced (a long prompt being read).
+
+    Rounds that carry only tokens in mid-stream are at least ``interval_seconds`` apart: the
+    tokens of that time go out together, so Redis and the gateway wake once for several of them
+    instead of once per token. A request's first token, its last event and every other kind of
+    event go out at once, so time to first token does not wait.
     """
 
-    def __init__(self, redis, prefix: str, *, poll_seconds: float = 0.1) -> None:
+    def __init__(self, redis, prefix: str, *, poll_seconds: float = 0.1, interval_seconds: float = 0.0) -> None:
         self._redis, self._prefix, self._poll = redis, prefix, poll_seconds
+        self._interval = max(0.0, interval_seconds)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._open: dict[str, HubStream] = {}
         self._lock = threading.Lock()
@@ -113,8 +119,8 @@ class StreamHub:
             self._open[request_id] = stream
         return stream
 
-    def _put(self, stream: HubStream, fields: dict[str, str], final: bool) -> None:
-        self._queue.put((stream, fields, final))
+    def _put(self, stream: HubStream, fields: dict[str, str], final: bool, urgent: bool) -> None:
+        self._queue.put((stream, fields, final, urgent))
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything queued before this call is written."""
@@ -122,12 +128,31 @@ class StreamHub:
         self._queue.put(done)
         done.wait(timeout)
 
+    @staticmethod
+    def _urgent(item) -> bool:
+        return isinstance(item, threading.Event) or item[3]
+
+    def _gather(self, items: list, last_round: float) -> None:
+        """Add to ``items`` what comes until ``interval_seconds`` have passed since the last round, or
+        until an urgent item comes."""
+        while not any(self._urgent(item) for item in items):
+            wait = last_round + self._interval - time.monotonic()
+            if wait <= 0:
+                return
+            try:
+                items.append(self._queue.get(timeout=wait))
+            except queue.Empty:
+                return
+
     def _run(self) -> None:
+        last_round = float("-inf")
         while True:
             try:
                 items = [self._queue.get(timeout=self._poll)]
             except queue.Empty:
                 items = []
+            if items and self._interval:
+                self._gather(items, last_round)
             while True:
                 try:
                     items.append(self._queue.get_nowait())
@@ -137,13 +162,14 @@ class StreamHub:
                 watching = list(self._open.values())
             if not items and not watching:
                 continue
+            last_round = time.monotonic()
             waiters = [item for item in items if isinstance(item, threading.Event)]
             events = [item for item in items if not isinstance(item, threading.Event)]
             try:
                 self._write(events, watching)
             except Exception:  # Redis went away: keep going; the gateway sees the request stall and gives up
                 logging.getLogger(__name__).exception("could not write request events")
-            for stream, _, final in events:
+            for stream, _, final, _ in events:
                 if final:
                     with self._lock:
                         self._open.pop(stream.request_id, None)
@@ -153,7 +179,7 @@ class StreamHub:
     def _write(self, events: list, watching: list[HubStream]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         now = time.monotonic()
-        for stream, fields, final in events:
+        for stream, fields, final, _ in events:
             pipe.xadd(stream.key, fields)
             # The expiry is set with a stream's first event, renewed every minute and with its last.
             if final or now - stream.expiry_set_at > 60:
@@ -178,12 +204,16 @@ class HubStream:
         self.cancel_seen = False
         self.closed = False
         self.expiry_set_at = float("-inf")
+        self.tokens = 0  # queued so far
 
     def emit(self, event: str, data: dict[str, Any], *, final: bool = False) -> None:
         if self.closed:
             return
         self.closed = final
-        self._hub._put(self, encode(event, data), final)
+        urgent = final or event != EVENT_TOKEN or self.tokens == 0
+        if event == EVENT_TOKEN:
+            self.tokens += 1
+        self._hub._put(self, encode(event, data), final, urgent)
 
     def token(self, text: str) -> None:
         self.emit(EVENT_TOKEN, {"text": text})

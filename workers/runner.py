@@ -27,6 +27,7 @@ class NodeConfig:
     n_gpu_layers: int
     n_threads: int  # 0: every CPU the process may use (workers.hardware.inference_threads)
     n_slots: int = 8  # sequences one model's runner decodes together, each with n_ctx positions
+    stream_interval_ms: int = 0  # tokens of one stream produced within this long are written together
     # A node with its own model cache pulls missing files from the server: the URL of a model's blob.
     blob_url: Callable[[str], str] | None = None
     # Called (off the token path) the first time this process finds a model's file on its disk.
@@ -72,7 +73,8 @@ def runner_config(config: NodeConfig, *, model_id: str, path: str, redis_url: st
     return RunnerConfig(model_id=model_id, path=path, node=config.name, incarnation=incarnation,
                         redis_url=redis_url, redis_prefix=config.redis_prefix, n_slots=config.n_slots,
                         n_ctx=config.n_ctx, n_threads=inference_threads(config.n_threads),
-                        n_gpu_layers=config.n_gpu_layers, lock_path=lock_path)
+                        n_gpu_layers=config.n_gpu_layers, lock_path=lock_path,
+                        stream_interval_ms=config.stream_interval_ms)
 
 
 def request_refuse(*, request_id: str, reason: str, config: NodeConfig, redis) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import NamedTuple
 
 from asgiref.sync import sync_to_async
@@ -154,16 +155,18 @@ async def request_send(*, message: InferenceRequest, node: Node) -> str | None:
     The Celery message is sent on the event loop's own thread, without retries: one LPUSH to a local
     Redis takes well under a millisecond, while handing it to a thread costs more than that under a
     burst (every hop waits for the GIL behind the other requests' work). A Redis that refuses it fails
-    the request at once (503), as the stream it would be answered on is in that Redis too.
+    the request at once (503), as the stream it would be answered on is in that Redis too. The
+    bookkeeping round trip (the node's in-flight set, its incarnation) follows the send, so it
+    overlaps the message's way to the worker instead of delaying it.
     """
     request_id = message.request_id
+    celery_app.send_task(protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id, kwargs=message.to_wire(),
+                         expires=settings.LLMP_QUEUE_TIMEOUT, retry=False)
     track = redis_client().pipeline(transaction=False)
     track.zadd(_inflight_key(node.name), {request_id: time.time()})
     track.zremrangebyscore(_inflight_key(node.name), "-inf", _inflight_horizon())
     track.get(protocol.node_incarnation_key(settings.LLMP_REDIS_PREFIX, node.name))
     tracked = await track.execute()
-    celery_app.send_task(protocol.TASK_INFERENCE_RUN, queue=node.queue, task_id=request_id, kwargs=message.to_wire(),
-                         expires=settings.LLMP_QUEUE_TIMEOUT, retry=False)
     return tracked[-1].decode() if tracked[-1] else None
 
 
@@ -188,7 +191,17 @@ async def request_release(*, request_id: str, node: Node, cancel: bool) -> None:
 
 async def request_events(request_id: str, node_name: str, incarnation: str | None = None
                          ) -> AsyncIterator[tuple[str, dict]]:
-    """Every event of a request in order, from the first, ending with its final one; raises OpenAIError.
+    """Every event of a request in order, one at a time (``request_event_batches``)."""
+    async with aclosing(request_event_batches(request_id, node_name, incarnation)) as batches:
+        async for events in batches:
+            for event in events:
+                yield event
+
+
+async def request_event_batches(request_id: str, node_name: str, incarnation: str | None = None
+                                ) -> AsyncIterator[list[tuple[str, dict]]]:
+    """Every event of a request in order, from the first, ending with its final one, in the batches they
+    arrive in (what one read of its stream returned); raises OpenAIError.
 
     Three waits, each with its own limit: for a worker to pick the request up
     (LLMP_QUEUE_TIMEOUT), for its first output once picked up, which covers waiting for a
@@ -213,13 +226,14 @@ async def request_events(request_id: str, node_name: str, incarnation: str | Non
                                     "may be overloaded.") from None
                 raise OpenAIError(503, f"Node {node_name} produced nothing for {limit:g}s.", code="worker_timeout",
                                   type="server_error") from None
-            for event, data in events:
+            for index, (event, _) in enumerate(events):
                 if event == protocol.EVENT_START:
                     phase, limit = "started", settings.LLMP_FIRST_TOKEN_TIMEOUT
                 else:
                     phase, limit = "streaming", settings.LLMP_STREAM_IDLE_TIMEOUT
-                yield event, data
                 if event in FINAL_EVENTS:
+                    yield events[:index + 1]
                     return
+            yield events
     finally:
         reader.unsubscribe(sub)

@@ -8,11 +8,12 @@ request history.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from apps.gateway import validation
-from apps.gateway.dispatch import node_pick, request_events, request_release, request_send
+from apps.gateway.dispatch import node_pick, request_event_batches, request_release, request_send
 from apps.gateway.errors import OpenAIError, broker_unavailable
 from apps.gateway.history import RequestRecord
 from apps.gateway.models import ApiKey, RequestStatus
@@ -36,7 +37,8 @@ class Generation:
         self.request_id = record.id.hex
         self.created = int(time.time())
         self.node = None
-        self.events: AsyncIterator | None = None
+        self.batches: AsyncIterator | None = None
+        self.pending: deque = deque()  # events read from the stream, not yet handed on
         self.finished = False
 
     @property
@@ -54,18 +56,29 @@ class Generation:
                          request_body=self.valid.body)
         incarnation = await request_send(message=self.valid.message(self.request_id, self.model.worker_spec()),
                                          node=self.node)
-        self.events = request_events(self.request_id, self.node.name, incarnation)
+        self.batches = request_event_batches(self.request_id, self.node.name, incarnation)
 
     async def next_output(self) -> tuple[str, dict]:
         """The next event that carries output (token, done or error), skipping bookkeeping ones."""
-        async for event, data in self.events:
-            if event == protocol.EVENT_ERROR:
-                raise OpenAIError.from_event(data)
-            if event in (protocol.EVENT_TOKEN, protocol.EVENT_DONE):
-                if event == protocol.EVENT_TOKEN:
-                    self.record.first_token()
-                return event, data
-        raise OpenAIError(502, "The request stream ended without a result.", code="stream_ended", type="server_error")
+        while True:
+            while self.pending:
+                event, data = self.pending.popleft()
+                if event == protocol.EVENT_ERROR:
+                    raise OpenAIError.from_event(data)
+                if event in (protocol.EVENT_TOKEN, protocol.EVENT_DONE):
+                    if event == protocol.EVENT_TOKEN:
+                        self.record.first_token()
+                    return event, data
+            try:
+                self.pending.extend(await anext(self.batches))
+            except StopAsyncIteration:
+                raise OpenAIError(502, "The request stream ended without a result.", code="stream_ended",
+                                  type="server_error") from None
+
+    def output_ready(self) -> bool:
+        """Whether output already read from the stream waits to be handed on (``next_output`` would not wait)."""
+        return any(event in (protocol.EVENT_TOKEN, protocol.EVENT_DONE, protocol.EVENT_ERROR)
+                   for event, _ in self.pending)
 
     def release(self) -> None:
         """Free the node's slot; tell the worker to stop if the answer was not complete."""
@@ -100,33 +113,38 @@ def _choice(generation: Generation, text: str | None, finish_reason: str | None,
 
 
 async def generation_stream(*, generation: Generation, first: tuple[str, dict]) -> AsyncIterator[bytes]:
-    """The answer as server-sent events framed as OpenAI frames them, ending with ``data: [DONE]`` (or an
-    error frame); the record is closed and the generation released when the stream ends, however it ends."""
+    """The answer as server-sent events framed as OpenAI frames them (a chunk per token), ending with
+    ``data: [DONE]`` (or an error frame); the record is closed and the generation released when the
+    stream ends, however it ends. The frames of tokens that arrived together leave in one write."""
     record = generation.record
     parts: list[str] = []
+    frames: list[bytes] = []
     try:
         if generation.chat:
-            yield _chunk(generation, _choice(generation, "", None, role=True))
+            frames.append(_chunk(generation, _choice(generation, "", None, role=True)))
         event, data = first
         while True:
             if event == protocol.EVENT_TOKEN:
                 parts.append(data["text"])
-                yield _chunk(generation, _choice(generation, data["text"], None))
+                frames.append(_chunk(generation, _choice(generation, data["text"], None)))
             elif event == protocol.EVENT_DONE:
                 generation.finished = True
                 closing_text = None if generation.chat else ""
-                yield _chunk(generation, _choice(generation, closing_text, data["finish_reason"]))
+                frames.append(_chunk(generation, _choice(generation, closing_text, data["finish_reason"])))
                 if generation.valid.include_usage:
-                    yield _chunk(generation, None, data["usage"])
-                yield DONE
+                    frames.append(_chunk(generation, None, data["usage"]))
+                yield b"".join(frames) + DONE
                 record.close(status=RequestStatus.SUCCEEDED, status_code=200, usage=data["usage"],
                              response_body={"text": "".join(parts), "finish_reason": data["finish_reason"],
                                             "usage": data["usage"], "timings": data.get("timings")})
                 return
+            if not generation.output_ready():
+                yield b"".join(frames)
+                frames.clear()
             try:
                 event, data = await generation.next_output()
             except OpenAIError as error:  # not finished: the worker is told to stop, if it still runs
-                yield sse_frame(error.body())
+                yield b"".join(frames) + sse_frame(error.body())
                 record.fail(error)
                 return
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import timedelta
 
@@ -129,3 +130,31 @@ def test_a_message_the_worker_cannot_read_ends_its_request_with_an_error_at_once
     event, data = events[-1]
     assert event == protocol.EVENT_ERROR and data["code"] == "internal_error"
     assert "cannot read this request" in data["message"]
+
+
+def test_tokens_within_the_stream_interval_go_out_together_but_the_first_and_the_end_at_once():
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    hub = protocol.StreamHub(client, settings.LLMP_REDIS_PREFIX, interval_seconds=30.0)
+    request_id = uuid.uuid4().hex
+    key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
+    writer = hub.open(request_id)
+
+    def written(count: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if client.xlen(key) >= count:
+                return True
+            time.sleep(0.01)
+        return client.xlen(key) >= count
+
+    writer.emit(protocol.EVENT_START, {"node": "n"})
+    writer.token("first")
+    assert written(2, within=2.0)  # the first token does not wait for the interval
+    writer.token(" second")
+    writer.token(" third")
+    assert not written(3, within=0.5)  # mid-stream tokens wait for the interval (or the end)
+    writer.emit(protocol.EVENT_DONE, {"finish_reason": "stop", "usage": {}}, final=True)
+    assert written(5, within=2.0)  # the end goes out at once, with what waited before it
+    events = [protocol.decode(fields) for _, fields in client.xrange(key)]
+    assert [event for event, _ in events] == [protocol.EVENT_START] + [protocol.EVENT_TOKEN] * 3 + [protocol.EVENT_DONE]
+    assert "".join(data["text"] for event, data in events if event == protocol.EVENT_TOKEN) == "first second third"

@@ -203,6 +203,53 @@ def test_the_second_turn_of_a_conversation_reuses_the_first(engine, model):
     assert second.text_out == recomputed.text_out
 
 
+def chat(model, content: str, **params) -> tuple[Sequence, Sink]:
+    tokens, stops = chat_prompt_tokens(model, [{"role": "user", "content": content}], n_ctx=N_CTX)
+    sink = Sink()
+    return Sequence(prompt=tokens, sampling=SamplingParams(**{"max_tokens": 8, "temperature": 0.0, **params}),
+                    sink=sink, stops=tuple(stops)), sink
+
+
+def test_a_prompt_another_slot_holds_is_shared_in_not_read_again(engine, model):
+    sequence, alone = chat(model, "Explain why the sky is blue.")
+    engine.add(sequence)
+    run_all(engine)
+    prompt = sequence.prompt
+    # The same prompt twice at once, while a third request keeps the slot that holds it busy:
+    # every copy takes that slot's cells (busy or not) and reads only its last token.
+    busy, busy_sink = chat(model, "Explain why the sky is blue.", max_tokens=40)
+    engine.add(busy)
+    engine.step()
+    twins = [chat(model, "Explain why the sky is blue.") for _ in range(2)]
+    for twin, _ in twins:
+        engine.add(twin)
+    run_all(engine)
+    assert len({id(s.slot) for s in (busy, *(t for t, _ in twins))}) == 3  # three slots, one prompt's cells
+    for sink in (busy_sink, *(sink for _, sink in twins)):
+        assert sink.timings["prompt_tokens_reused"] == len(prompt) - 1
+    assert [sink.text_out for _, sink in twins] == [alone.text_out] * 2
+    assert busy_sink.text_out.startswith(alone.text_out)
+
+
+def test_a_new_prompt_takes_the_least_recently_used_slot_and_keeps_the_others_prompts(model):
+    engine = BatchEngine(model, n_slots=2, n_ctx_per_seq=N_CTX, n_threads=THREADS)
+    try:
+        runs = {}
+        for content in ("Name a fruit.", "Name a color.", "Name a fruit.", "Name a color."):
+            sequence, sink = chat(model, content)
+            engine.add(sequence)
+            run_all(engine)
+            runs.setdefault(content, []).append((sequence, sink))
+    finally:
+        engine.close()
+    for (first, first_sink), (again, again_sink) in runs.values():
+        # Both prompts start with the template's system turn: the second request went to the other
+        # slot (least recently used), not over the first one's prompt, so each repeat finds its own.
+        assert first_sink.timings["prompt_tokens_reused"] < len(first.prompt) - 1
+        assert again_sink.timings["prompt_tokens_reused"] == len(again.prompt) - 1
+        assert again_sink.text_out == first_sink.text_out
+
+
 def test_a_cancelled_sequence_stops_at_the_next_step_and_frees_its_slot(engine, model):
     gone = submit(engine, model, "Once upon a time", max_tokens=200, cancel_after=3)
     stays = submit(engine, model, "The capital of France is", max_tokens=20)

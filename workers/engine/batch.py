@@ -5,11 +5,15 @@ chunk of the prompts still being read, so a long new prompt delays the running s
 chunk, not by its whole length. Requests join between steps; a sequence that finishes or is
 cancelled leaves its slot free at once. Each slot keeps the tokens whose KV it holds, so the
 next request whose prompt starts the same way (a shared system prompt, the earlier turns of a
-conversation) reads only the part that differs.
+conversation) reads only the part that differs: from its own slot, or copied in from whichever
+slot holds the longest start, busy or not (the same prompt sent by several clients at once is read
+once). A new prompt takes the least recently used free slot, so the prompts that other slots hold
+stay for the requests that repeat them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +31,9 @@ from workers.messages import SamplingParams
 DEFAULT_BATCH = 512  # tokens per decode step: a prompt is read in chunks of at most this
 ABORT_CHECK_MIN_TOKENS = 256  # prompt tokens in a step from which cancellation is checked during the decode
 _NO_ABORT = llama_cpp.ggml_abort_callback(0)
+# A prompt start another slot holds is copied in (rather than read again) when that saves at least one
+# token per this many cells copied: copying a cell's K and V is hundreds of times cheaper than computing it.
+SHARE_CELLS_PER_TOKEN = 64
 
 
 class SequenceSink(Protocol):
@@ -69,6 +76,8 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this slot's memory holds, in order
     sequence: Sequence | None = None
+    released_at: float = 0.0  # when its last sequence ended (least recently used slots are taken first)
+    prompt_len: int = 0  # the length of its last sequence's prompt (the start of ``cached``)
 
 
 @dataclass
@@ -103,7 +112,10 @@ class BatchEngine:
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = n_slots
         params.n_threads = params.n_threads_batch = n_threads
-        params.kv_unified = False  # each sequence its own n_ctx_per_seq cells
+        # Each sequence its own n_ctx_per_seq cells: a decode attends only over the cells of the
+        # sequences in it. In one unified pool every step would also scan the cells of what idle
+        # slots keep cached (long prompts, say), and a short stream would pay for them.
+        params.kv_unified = False
         params.flash_attn_type = flash_attn
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(model.ptr, params)
@@ -238,30 +250,62 @@ class BatchEngine:
         batch.logits[i] = logits
 
     def _admit(self) -> None:
-        """Give free slots to waiting sequences, each to the free slot that already holds the
-        longest start of its prompt."""
+        """Give free slots to waiting sequences (``_pick_slot``), each with as much of its prompt's
+        start as any slot holds (``_reuse_prefix``)."""
         free = [slot for slot in self.slots if slot.sequence is None]
         while self.waiting and free:
             sequence = self.waiting.popleft()
             if sequence.sink.cancelled():
                 sequence.sink.cancel(0)
                 continue
-            if self._reuse:
-                slot = max(free, key=lambda s: (_common_prefix(s.cached, sequence.prompt), -len(s.cached)))
-            else:
-                slot = min(free, key=lambda s: len(s.cached))
+            slot = self._pick_slot(free, sequence.prompt)
             free.remove(slot)
-            keep = _common_prefix(slot.cached, sequence.prompt) if self._reuse else 0
-            keep = min(keep, len(sequence.prompt) - 1)  # the last prompt token is read again for its logits
+            keep = self._reuse_prefix(slot, sequence.prompt) if self._reuse else 0
             if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
                 llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
                 keep = 0
             del slot.cached[keep:]
             slot.sequence, sequence.slot = sequence, slot
+            slot.prompt_len = len(sequence.prompt)
             sequence.prompt_read = sequence.reused = keep
             sequence.started_at = time.monotonic()
             sequence.sampler = Sampler(self.model, sequence.sampling)
             sequence.text = TextStream(sequence.stops + tuple(sequence.sampling.stop))
+
+    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+        """A free slot whose last prompt ``prompt`` starts with (an earlier turn of this conversation,
+        the same prompt sent before) is taken as it is. Otherwise the least recently used free slot
+        is taken, and ``_reuse_prefix`` shares in the start it lacks (a system prompt, say) from
+        whichever slot holds it, so that no slot's prompt is overwritten while an older one is idle."""
+        if self._reuse:
+            covering = [s for s in free if s.cached and _common_prefix(s.cached, prompt) >= min(
+                s.prompt_len, len(prompt)) - 1]
+            if covering:
+                return max(covering, key=lambda s: _common_prefix(s.cached, prompt))
+        return min(free, key=lambda s: s.released_at)
+
+    def _reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
+        """How many of ``prompt``'s first tokens ``slot`` will hold without reading them: its own,
+        or, where another slot (busy or free) holds a longer start of it, that slot's cells copied
+        in. A copy moves the other sequence's whole KV (its bytes, not a computation), so it is
+        made only where it saves at least one token per ``SHARE_CELLS_PER_TOKEN`` cells copied."""
+        limit = len(prompt) - 1  # the last prompt token is read again for its logits
+        keep = min(_common_prefix(slot.cached, prompt), limit)
+        donor = max(self.slots, key=lambda s: _common_prefix(s.cached, prompt))
+        shared = min(_common_prefix(donor.cached, prompt), limit)
+        if donor is slot or (shared - keep) * SHARE_CELLS_PER_TOKEN < len(donor.cached):
+            return keep
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        slot.cached.clear()
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, donor.seq_id)
+        state = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, state, size, donor.seq_id)
+        if not written or not llama_cpp.llama_state_seq_set_data(self.ctx, state, written, slot.seq_id):
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            return 0
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, shared, -1)
+        slot.cached[:] = donor.cached[:shared]
+        return shared
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.waiting if s.sink.cancelled()]:
@@ -308,6 +352,7 @@ class BatchEngine:
     def _release(self, sequence: Sequence) -> None:
         if sequence.slot is not None:
             sequence.slot.sequence = None
+            sequence.slot.released_at = time.monotonic()
         if sequence.sampler is not None:
             sequence.sampler.close()
             sequence.sampler = None

@@ -52,6 +52,7 @@ class RunnerConfig:
     n_gpu_layers: int = 0
     n_batch: int = 512
     lock_path: str = ""  # the node's decode lock: runners of one node take turns on its CPU threads
+    stream_interval_ms: int = 0  # a stream's tokens produced within this long are written together
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -152,7 +153,8 @@ class Runner:
         from workers.engine.model import LoadedModel
 
         self.config, self.control = config, control
-        self.hub = protocol.StreamHub(redis.Redis.from_url(config.redis_url), config.redis_prefix)
+        self.hub = protocol.StreamHub(redis.Redis.from_url(config.redis_url), config.redis_prefix,
+                                      interval_seconds=config.stream_interval_ms / 1000)
         self.model = LoadedModel(config.path, n_gpu_layers=config.n_gpu_layers)
         self.engine = BatchEngine(self.model, n_slots=config.n_slots, n_ctx_per_seq=config.n_ctx,
                                   n_threads=config.n_threads, n_batch=config.n_batch,

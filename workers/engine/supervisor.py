@@ -40,15 +40,21 @@ logger = logging.getLogger(__name__)
 
 
 
-# How long llama.cpp's OpenMP threads spin for more work between two decode steps before they sleep
-# (GNU OpenMP's GOMP_SPINCOUNT; its default, 300,000 spins, is several milliseconds). A runner's
-# threads spend the gap between steps waiting for Python (sampling, the stream writer) while the
-# worker, Redis and the gateway need the same cores: spinning through it took their CPU, and a
-# spinning thread that the kernel then preempts stalls the next step. 300 spins keeps the wait within
-# a step as fast (measured on one sequence: 139 tok/s default, 142 tok/s at 300) and gives the gap
-# back (on a loaded 2-core node: 28-33 tok/s default, 54-107 tok/s at 300, one stream). An operator's
-# own GOMP_SPINCOUNT or OMP_WAIT_POLICY is kept.
-RUNNER_OMP_SPINCOUNT = "300"
+# How long llama.cpp's OpenMP threads spin for more work before they sleep (GNU OpenMP's
+# GOMP_SPINCOUNT; its default, 300,000 spins, is several milliseconds). The same wait serves the
+# barriers inside a decode step (hundreds per step) and the gap between two steps, when a runner's
+# threads wait for Python (sampling, the stream writer) while the worker, Redis and the gateway need
+# the same cores. Measured through the whole platform, one stream, on a 2-core node (tok/s):
+#
+#   spins                      300     3,000   30,000   300,000 (default)
+#   idle node                   61      99       94      103
+#   one other busy process      40      25       13        3
+#
+# Too short a spin puts every barrier to sleep and wakes it again (a slow IPI on a VM): a decode
+# step slows by half. Too long a spin holds a core that other work needs, and collapses on a node
+# where anything else runs. 3,000 (a fraction of a millisecond) keeps nearly all of the idle speed
+# without the collapse. An operator's own GOMP_SPINCOUNT or OMP_WAIT_POLICY is kept.
+RUNNER_OMP_SPINCOUNT = "3000"
 
 
 def runner_environment(base: dict[str, str]) -> dict[str, str]:
