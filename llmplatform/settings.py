@@ -251,8 +251,9 @@ LLMP_POOL_SLOTS_PER_MODEL = env_int("LLMP_POOL_SLOTS_PER_MODEL", 8, minimum=1)
 # How long a stopping worker lets the streams its runners serve run to their end.
 LLMP_SHUTDOWN_DRAIN_SECONDS = env_float("LLMP_SHUTDOWN_DRAIN_SECONDS", 60.0, minimum=0.0)
 # Tokens of one stream produced within this many milliseconds go to the gateway together (the first
-# token and the end at once): fewer wake-ups of Redis, the gateway and the client per token. 0: each alone.
-LLMP_STREAM_INTERVAL_MS = env_int("LLMP_STREAM_INTERVAL_MS", 25, minimum=0)
+# token and the end at once): fewer wake-ups of Redis, the gateway and the client per token. 0: each
+# alone. At most 100: the runner's writer checks cancellations at least that often.
+LLMP_STREAM_INTERVAL_MS = env_int("LLMP_STREAM_INTERVAL_MS", 25, minimum=0, maximum=100)
 LLMP_N_CTX = env_int("LLMP_N_CTX", 4096, minimum=256)
 LLMP_N_GPU_LAYERS = env_int("LLMP_N_GPU_LAYERS", -1)
 LLMP_N_THREADS = env_int("LLMP_N_THREADS", 0, minimum=0)  # 0: every CPU the worker may use

@@ -15,6 +15,14 @@ def test_a_value_below_its_minimum_is_refused(monkeypatch):
         env_float("LLMP_SOMETHING", 2.0, minimum=1.0)
 
 
+def test_an_integer_above_its_maximum_is_refused(monkeypatch):
+    monkeypatch.setenv("LLMP_STREAM_INTERVAL_MS", "250")
+    with pytest.raises(ImproperlyConfiguredEnv, match="LLMP_STREAM_INTERVAL_MS must be <= 100, got 250"):
+        env_int("LLMP_STREAM_INTERVAL_MS", 25, minimum=0, maximum=100)
+    monkeypatch.setenv("LLMP_STREAM_INTERVAL_MS", "100")
+    assert env_int("LLMP_STREAM_INTERVAL_MS", 25, minimum=0, maximum=100) == 100
+
+
 def test_booleans_accept_only_known_words(monkeypatch):
     monkeypatch.setenv("LLMP_FLAG", "yes")
     assert env_bool("LLMP_FLAG", False) is True

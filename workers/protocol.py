@@ -101,12 +101,13 @@ class StreamHub:
     Rounds that carry only tokens in mid-stream are at least ``interval_seconds`` apart: the
     tokens of that time go out together, so Redis and the gateway wake once for several of them
     instead of once per token. A request's first token, its last event and every other kind of
-    event go out at once, so time to first token does not wait.
+    event go out at once, so time to first token does not wait. The interval is at most
+    ``poll_seconds``, so holding tokens back never delays the reading of cancel flags.
     """
 
     def __init__(self, redis, prefix: str, *, poll_seconds: float = 0.1, interval_seconds: float = 0.0) -> None:
         self._redis, self._prefix, self._poll = redis, prefix, poll_seconds
-        self._interval = max(0.0, interval_seconds)
+        self._interval = min(max(0.0, interval_seconds), poll_seconds)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._open: dict[str, HubStream] = {}
         self._lock = threading.Lock()

@@ -134,7 +134,7 @@ def test_a_message_the_worker_cannot_read_ends_its_request_with_an_error_at_once
 
 def test_tokens_within_the_stream_interval_go_out_together_but_the_first_and_the_end_at_once():
     client = redis.Redis.from_url(settings.REDIS_URL)
-    hub = protocol.StreamHub(client, settings.LLMP_REDIS_PREFIX, interval_seconds=30.0)
+    hub = protocol.StreamHub(client, settings.LLMP_REDIS_PREFIX, poll_seconds=30.0, interval_seconds=30.0)
     request_id = uuid.uuid4().hex
     key = protocol.stream_key(settings.LLMP_REDIS_PREFIX, request_id)
     writer = hub.open(request_id)
