@@ -258,9 +258,10 @@ class BatchEngine:
             if sequence.sink.cancelled():
                 sequence.sink.cancel(0)
                 continue
-            slot = self._pick_slot(free, sequence.prompt)
+            held = {slot: _common_prefix(slot.cached, sequence.prompt) for slot in self.slots} if self._reuse else {}
+            slot = self._pick_slot(free, sequence.prompt, held)
             free.remove(slot)
-            keep = self._reuse_prefix(slot, sequence.prompt) if self._reuse else 0
+            keep = self._reuse_prefix(slot, sequence.prompt, held) if self._reuse else 0
             if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1):
                 llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
                 keep = 0
@@ -272,27 +273,27 @@ class BatchEngine:
             sequence.sampler = Sampler(self.model, sequence.sampling)
             sequence.text = TextStream(sequence.stops + tuple(sequence.sampling.stop))
 
-    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+    def _pick_slot(self, free: list[Slot], prompt: list[int], held: dict[Slot, int]) -> Slot:
         """A free slot whose last prompt ``prompt`` starts with (an earlier turn of this conversation,
         the same prompt sent before) is taken as it is. Otherwise the least recently used free slot
         is taken, and ``_reuse_prefix`` shares in the start it lacks (a system prompt, say) from
-        whichever slot holds it, so that no slot's prompt is overwritten while an older one is idle."""
-        if self._reuse:
-            covering = [s for s in free if s.cached and _common_prefix(s.cached, prompt) >= min(
-                s.prompt_len, len(prompt)) - 1]
-            if covering:
-                return max(covering, key=lambda s: _common_prefix(s.cached, prompt))
+        whichever slot holds it, so that no slot's prompt is overwritten while an older one is idle.
+        ``held``: how many of the prompt's first tokens each slot holds (empty without reuse)."""
+        covering = [s for s in free if held and s.cached and held[s] >= min(s.prompt_len, len(prompt)) - 1]
+        if covering:
+            return max(covering, key=held.get)
         return min(free, key=lambda s: s.released_at)
 
-    def _reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
+    def _reuse_prefix(self, slot: Slot, prompt: list[int], held: dict[Slot, int]) -> int:
         """How many of ``prompt``'s first tokens ``slot`` will hold without reading them: its own,
         or, where another slot (busy or free) holds a longer start of it, that slot's cells copied
-        in. A copy moves the other sequence's whole KV (its bytes, not a computation), so it is
-        made only where it saves at least one token per ``SHARE_CELLS_PER_TOKEN`` cells copied."""
+        in (the caller trims what follows). A copy moves the other sequence's whole KV (its bytes,
+        not a computation), so it is made only where it saves at least one token per
+        ``SHARE_CELLS_PER_TOKEN`` cells copied."""
         limit = len(prompt) - 1  # the last prompt token is read again for its logits
-        keep = min(_common_prefix(slot.cached, prompt), limit)
-        donor = max(self.slots, key=lambda s: _common_prefix(s.cached, prompt))
-        shared = min(_common_prefix(donor.cached, prompt), limit)
+        keep = min(held[slot], limit)
+        donor = max(self.slots, key=held.get)
+        shared = min(held[donor], limit)
         if donor is slot or (shared - keep) * SHARE_CELLS_PER_TOKEN < len(donor.cached):
             return keep
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
@@ -303,8 +304,7 @@ class BatchEngine:
         if not written or not llama_cpp.llama_state_seq_set_data(self.ctx, state, written, slot.seq_id):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             return 0
-        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, shared, -1)
-        slot.cached[:] = donor.cached[:shared]
+        slot.cached[:] = donor.cached
         return shared
 
     def _drop_cancelled(self) -> None:
