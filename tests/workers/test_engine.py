@@ -11,7 +11,7 @@ from workers.bundled import bundled_model_path
 from workers.engine.batch import BatchEngine, Sequence
 from workers.engine.embedding import EmbeddingEngine, embed_all
 from workers.engine.model import LoadedModel
-from workers.engine.sampling import SEED_MODULUS, dist_seed
+from workers.engine.sampling import SEED_MODULUS, Sampler, sampler_seed
 from workers.generation import InferenceError, TextStream, _held_back
 from workers.messages import SamplingParams
 from workers.prompts import chat_prompt_tokens, completion_prompt_tokens
@@ -120,12 +120,76 @@ def test_a_stop_sequence_is_removed_with_everything_after_it(engine, model):
     assert cut.outcome == "stop"
 
 
-def test_the_same_seed_gives_the_same_text_and_seeds_beyond_32_bits_are_reduced(engine, model):
+def test_the_same_seed_gives_the_same_text_and_every_int64_seed_has_its_own(engine, model):
     first = generate(engine, model, "Once upon a time", temperature=0.9, seed=42).text_out
     assert generate(engine, model, "Once upon a time", temperature=0.9, seed=42).text_out == first
     assert generate(engine, model, "Once upon a time", temperature=0.9, seed=42 + SEED_MODULUS).text_out == first
-    assert dist_seed(2**63 + 7) == (2**63 + 7) % SEED_MODULUS != llama_cpp.LLAMA_DEFAULT_SEED
-    assert dist_seed(None) == llama_cpp.LLAMA_DEFAULT_SEED
+    assert generate(engine, model, "Once upon a time", temperature=0.9, seed=43).text_out != first
+    assert sampler_seed(-1) == 2**64 - 1 and sampler_seed(2**63 - 1) == 2**63 - 1 and sampler_seed(None) is None
+
+
+def _logits_row(model, prompt: str):
+    """A context that has decoded ``prompt``, and the index of its logits row."""
+    engine = BatchEngine(model, n_slots=1, n_ctx_per_seq=N_CTX, n_threads=THREADS)
+    tokens = completion_prompt_tokens(model, prompt, n_ctx=N_CTX)
+    for i, token in enumerate(tokens):
+        engine._put(i, token, i, 0, i == len(tokens) - 1)
+    engine._batch.n_tokens = len(tokens)
+    assert llama_cpp.llama_decode(engine.ctx, engine._batch) == 0
+    return engine, len(tokens) - 1
+
+
+def test_draws_follow_the_tempered_distribution_and_top_p_keeps_exactly_the_nucleus(model):
+    import numpy as np
+
+    engine, index = _logits_row(model, "My favourite fruit is")
+    try:
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(engine.ctx, index), shape=(model.n_vocab,)).copy()
+        draws = 20_000
+        for temperature, top_p in ((0.7, 1.0), (1.3, 1.0), (1.0, 0.8)):
+            sampler = Sampler(model, SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, seed=5))
+            counts = np.bincount([sampler.sample(engine.ctx, index) for _ in range(draws)], minlength=model.n_vocab)
+            # The reference, computed plainly: the whole vocabulary sorted, in float64.
+            order = np.argsort(-row.astype(np.float64), kind="stable")
+            p1 = np.exp(row[order].astype(np.float64) - row.max())
+            p1 /= p1.sum()
+            nucleus = order[:int(np.searchsorted(np.cumsum(p1), top_p)) + 1] if top_p < 1 else order
+            expected = np.zeros(model.n_vocab)
+            expected[nucleus] = np.exp((row[nucleus].astype(np.float64) - row.max()) / temperature)
+            expected /= expected.sum()
+            assert counts[expected == 0].sum() == 0  # nothing outside the nucleus, ever
+            likely = np.argsort(-expected)[:8]
+            for token in likely:  # each within 5 standard deviations of its expected count
+                mean = expected[token] * draws
+                assert abs(counts[token] - mean) <= 5 * np.sqrt(mean * (1 - expected[token])) + 1, (temperature, top_p)
+            if top_p < 1:
+                assert len(np.flatnonzero(counts)) <= len(nucleus)
+    finally:
+        engine.close()
+
+
+def test_greedy_with_penalties_picks_what_llama_cpps_own_samplers_pick(model):
+    """Penalties and greedy choice against llama.cpp's sampler chain, on the same rows, token by token."""
+    engine, index = _logits_row(model, "Say yes yes yes yes yes")
+    params = SamplingParams(max_tokens=1, temperature=0, frequency_penalty=0.6, presence_penalty=0.4)
+    ours = Sampler(model, params)
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+        model.n_vocab, 64, 1.0, params.frequency_penalty, params.presence_penalty))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    try:
+        position, picked = index + 1, []
+        for _ in range(40):
+            token = ours.sample(engine.ctx, index)
+            assert token == llama_cpp.llama_sampler_sample(chain, engine.ctx, index)
+            picked.append(token)
+            engine._put(0, token, position, 0, True)
+            engine._batch.n_tokens, index, position = 1, 0, position + 1
+            assert llama_cpp.llama_decode(engine.ctx, engine._batch) == 0
+        assert 5 < len(set(picked)) < len(picked)  # varied text, with repeats: counts above one were penalised
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+        engine.close()
 
 
 def test_greedy_output_alone_equals_single_sequence_llama_cpp(engine, model):
