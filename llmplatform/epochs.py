@@ -4,12 +4,17 @@ A process that keeps a copy of rows (the gateway's keys, models and live nodes, 
 ``apps.gateway.lookups``) reads the counter of each kind with the request that uses the copy, and
 drops the copy when the counter moved. A write bumps the counter once its transaction commits, so a
 request that starts after the write returns (a revoked key, a deleted model) never sees the old row,
-in any process. Reading costs one Redis round trip; nothing is pushed.
+in any process. Reading costs one Redis round trip; nothing is pushed. One HTTP request reads them once
+(``epochs_request``): the guard's key check and the view run in different asyncio tasks, which share
+the request's read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import redis
 from django.conf import settings
@@ -60,3 +65,37 @@ async def epochs_read(*kinds: str) -> tuple[int, ...] | None:
         logger.warning("could not read the %s epoch(s): %s", ", ".join(kinds), exc)
         return None
     return tuple(int(value) if value else 0 for value in values)
+
+
+class RequestEpochs:
+    """Whether the HTTP request under way has read the epochs (every task of the request sees the same
+    object: tasks copy the context they are created in). Once the request ends it counts as unread, so a
+    task that outlives its request reads them again."""
+
+    __slots__ = ("open", "read")
+
+    def __init__(self) -> None:
+        self.open, self.read = True, False
+
+    def fresh(self) -> bool:
+        return self.open and self.read
+
+
+_request_epochs: ContextVar[RequestEpochs | None] = ContextVar("llmp_request_epochs", default=None)
+
+
+@contextmanager
+def epochs_request() -> Iterator[RequestEpochs]:
+    """The span of one HTTP request (the ASGI guard opens it): its reads of the epochs are shared."""
+    scope = RequestEpochs()
+    token = _request_epochs.set(scope)
+    try:
+        yield scope
+    finally:
+        scope.open = False
+        _request_epochs.reset(token)
+
+
+def request_epochs() -> RequestEpochs | None:
+    """The request under way's (``epochs_request``), or None outside one."""
+    return _request_epochs.get()

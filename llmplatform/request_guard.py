@@ -52,6 +52,7 @@ from redis.exceptions import RedisError
 
 from llmplatform.aioredis import redis_client
 from llmplatform.authentication import SCOPE_KEY_CHECK, api_key_checker, session_user
+from llmplatform.epochs import epochs_request
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def request_guard(app):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         async with ThreadSensitiveContext():
-            await _Exchange(scope, receive, send).serve(app)
+            with epochs_request():
+                await _Exchange(scope, receive, send).serve(app)
 
     return guarded
 

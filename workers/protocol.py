@@ -186,12 +186,13 @@ class StreamHub:
             if final or now - stream.expiry_set_at > 60:
                 stream.expiry_set_at = now
                 pipe.expire(stream.key, STREAM_TTL_SECONDS)
-        for stream in watching:
-            pipe.exists(stream.cancel_key)
+        if watching:  # every open request's cancel flag, in one command
+            pipe.mget([stream.cancel_key for stream in watching])
         replies = pipe.execute()
-        for stream, flag in zip(watching, replies[len(replies) - len(watching):]):
-            if flag:
-                stream.cancel_seen = True
+        if watching:
+            for stream, flag in zip(watching, replies[-1]):
+                if flag is not None:
+                    stream.cancel_seen = True
 
 
 class HubStream:

@@ -31,17 +31,6 @@ from workers.messages import InferenceRequest
 
 logger = logging.getLogger(__name__)
 
-_background: set[asyncio.Task] = set()
-
-
-def spawn(coro) -> asyncio.Task:
-    """Run ``coro`` to completion even if the request that started it is cancelled."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    return task
-
-
 def _inflight_key(node_name: str) -> str:
     """A sorted set of the node's requests in flight, scored by dispatch time.
 
@@ -90,13 +79,12 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
     if not open_nodes:
         raise no_worker(f"Every live node is cordoned; none can serve '{model.id}' right now.")
     skipped = [f"{node.name} cordoned" for node in nodes if node.is_cordoned]
-    pipe = redis_client().pipeline(transaction=False)
-    for node in open_nodes:
-        pipe.zcount(_inflight_key(node.name), _inflight_horizon(), "+inf")
-    busy = {node.name: count for node, count in zip(open_nodes, await pipe.execute())}
     online = [node for node in open_nodes if node.status == NodeStatus.ONLINE]
 
     warm = [node for node in online if model.id in node.loaded_models]
+    if len(warm) == 1:  # the hottest path: nothing to weigh, so no round trip to count requests in flight
+        return _placed(model, warm[0], "model loaded, the only online node holding it", skipped)
+    busy = await _inflight_counts(warm or open_nodes)
     if warm:  # the hot path: no fit or file look-ups
         node = min(warm, key=lambda node: (busy[node.name], node.name))
         return _placed(model, node, f"model loaded, {busy[node.name]} in flight", skipped)
@@ -136,6 +124,14 @@ async def node_choose(model: RegisteredModel, nodes: list[Node]) -> Placement:
         reason = (f"fit {fits[node.pk] or 'unknown'}, file {'on node' if node.pk in copies else 'not on node'}, "
                   f"{busy[node.name]} in flight")
     return _placed(model, node, reason, skipped)
+
+
+async def _inflight_counts(nodes: list[Node]) -> dict[str, int]:
+    """How many requests each node has in flight (one round trip for all)."""
+    pipe = redis_client().pipeline(transaction=False)
+    for node in nodes:
+        pipe.zcount(_inflight_key(node.name), _inflight_horizon(), "+inf")
+    return {node.name: count for node, count in zip(nodes, await pipe.execute())}
 
 
 def _placed(model: RegisteredModel, node: Node, reason: str, skipped: list[str]) -> Placement:

@@ -3,8 +3,10 @@
 The row is inserted as soon as the request is understood (so a request is on record even if
 the gateway dies mid-stream) and completed when it ends, both in the background. The writes of
 every request on an event loop go through one writer, which applies what has gathered since its
-last batch in one transaction on Django's database thread: a burst of requests costs a few commits,
-not two each, and its writes do not queue one by one in front of the requests that follow.
+last batch in one transaction: a burst of requests costs a few commits, not two each, and its writes
+do not queue one by one in front of the requests that follow. The writer runs detached from the
+request that started it (``spawn(detached=True)``), so its batches share one long-lived database thread
+and connection instead of opening a connection on each starting request's thread.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class _HistoryWriter:
         future = asyncio.get_running_loop().create_future()
         write.done.append(future)
         if self._task is None or self._task.done():
-            self._task = spawn(self._run())
+            self._task = spawn(self._run(), detached=True)
         return future
 
     async def _run(self) -> None:

@@ -37,7 +37,7 @@ from apps.nodes.selectors import node_list_live
 from llmplatform.epochs import EPOCH_KEYS as KEYS
 from llmplatform.epochs import EPOCH_MODELS as MODELS
 from llmplatform.epochs import EPOCH_NODES as NODES
-from llmplatform.epochs import epoch_bump, epochs_read
+from llmplatform.epochs import epoch_bump, epochs_read, request_epochs
 
 # How long a copy is trusted at most, epoch unchanged (seconds).
 TIME_LIMITS = {KEYS: 10.0, MODELS: 10.0, NODES: 1.0}
@@ -51,6 +51,9 @@ class _Copy:
         self.kind, self.limit = kind, TIME_LIMITS[kind]
         self.epoch: int | None = None
         self.rows: dict[Any, tuple[float, Any]] = {}
+        # Reads from the database under way, by name: the requests of a burst that all find a row missing
+        # (or aged out) wait for one read instead of queueing one each on the database thread.
+        self.loading: dict[Any, tuple[int | None, asyncio.AbstractEventLoop, asyncio.Task]] = {}
 
     async def get(self, name, load: Callable[[], Awaitable[Any]]):
         """The row called ``name``: the copy's if still good, else ``load()``'s (kept unless None)."""
@@ -61,7 +64,20 @@ class _Copy:
         kept = self.rows.get(name)
         if kept is not None and now - kept[0] < self.limit:
             return kept[1]
-        row = await load()
+        loop = asyncio.get_running_loop()
+        pending = self.loading.get(name)
+        if pending is not None and pending[0] == epoch and pending[1] is loop:  # read since this epoch began
+            return await asyncio.shield(pending[2])
+        task = loop.create_task(self._load(name, epoch, now, load))
+        self.loading[name] = (epoch, loop, task)
+        return await asyncio.shield(task)  # a waiter that is cancelled leaves the read to the others
+
+    async def _load(self, name, epoch: int | None, now: float, load: Callable[[], Awaitable[Any]]):
+        try:
+            row = await load()
+        finally:
+            if self.loading.get(name, (None, None, None))[2] is asyncio.current_task():
+                del self.loading[name]
         if row is not None and self.epoch == epoch:  # not if the epoch moved while it loaded
             if len(self.rows) >= MAX_ENTRIES:
                 self.rows.clear()
@@ -75,16 +91,22 @@ class _Copy:
 
 
 _copies = {kind: _Copy(kind) for kind in TIME_LIMITS}
-# The task (one request's) that last read the epochs: its later lookups need not read them again.
+# Outside an HTTP request (``epochs_request``): the task that last read the epochs, whose later lookups
+# need not read them again.
 _epochs_read_by: weakref.ref | None = None
 
 
 async def _epochs_refresh() -> bool:
-    """Bring every copy up to the current epochs, once per request (asyncio task): one round trip for
-    all kinds. False when Redis does not answer."""
+    """Bring every copy up to the current epochs, once per request (its guard's key check and its view
+    share the read; outside a request, once per asyncio task): one round trip for all kinds. False when
+    Redis does not answer."""
     global _epochs_read_by
+    request = request_epochs()
     task = asyncio.current_task()
-    if _epochs_read_by is not None and task is not None and _epochs_read_by() is task:
+    if request is not None:
+        if request.fresh():
+            return True
+    elif _epochs_read_by is not None and task is not None and _epochs_read_by() is task:
         return True
     epochs = await epochs_read(*_copies)
     if epochs is None:
@@ -92,7 +114,10 @@ async def _epochs_refresh() -> bool:
         return False
     for copy, epoch in zip(_copies.values(), epochs):
         copy.epoch_seen(epoch)
-    _epochs_read_by = weakref.ref(task) if task is not None else None
+    if request is not None:
+        request.read = True
+    else:
+        _epochs_read_by = weakref.ref(task) if task is not None else None
     return True
 
 

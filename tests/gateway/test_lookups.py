@@ -40,3 +40,69 @@ def test_a_model_changed_behind_the_orms_back_is_seen_once_its_copy_ages_out(pla
     finally:
         RegisteredModel.objects.filter(pk=model_id).update(is_active=True)
         RegisteredModel.objects.get(pk=model_id).save(update_fields=["is_active"])  # and bump, for the next tests
+
+
+def test_one_request_reads_the_epochs_once_though_its_check_and_its_view_are_different_tasks(monkeypatch):
+    import asyncio
+
+    from apps.gateway import lookups
+    from llmplatform.epochs import epochs_request
+
+    reads = []
+    real = lookups.epochs_read
+
+    async def counted(*kinds):
+        reads.append(kinds)
+        return await real(*kinds)
+
+    monkeypatch.setattr(lookups, "epochs_read", counted)
+
+    async def one_request() -> None:
+        before, ended = len(reads), asyncio.Event()
+
+        async def left_behind() -> bool:  # a task of the request that runs on after it ends
+            await ended.wait()
+            return await lookups._epochs_refresh()
+
+        with epochs_request():
+            assert await lookups._epochs_refresh()  # the guard's key check
+            assert await asyncio.create_task(lookups._epochs_refresh())  # the view, in a task of its own
+            straggler = asyncio.create_task(left_behind())
+        assert len(reads) == before + 1
+        ended.set()
+        assert await straggler
+        assert len(reads) == before + 2  # once its request is over, a task trusts nothing it read
+
+    asyncio.run(one_request())
+    asyncio.run(one_request())  # every request reads them afresh
+    assert len(reads) == 4
+
+
+def test_a_burst_that_finds_a_row_missing_reads_it_from_the_database_once():
+    import asyncio
+
+    from apps.gateway import lookups
+    from llmplatform.epochs import epochs_request
+
+    copy, loads = lookups._Copy(lookups.NODES), []
+
+    async def load():
+        loads.append(1)
+        await asyncio.sleep(0.05)  # a database read, during which the rest of the burst arrives
+        return ["node"]
+
+    async def one_request():
+        with epochs_request():
+            return await copy.get("live", load)
+
+    async def burst():
+        first = asyncio.create_task(one_request())
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(one_request())
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a client that leaves does not take the read away from the others
+        return await asyncio.gather(first, *(one_request() for _ in range(7)))
+
+    assert asyncio.run(burst()) == [["node"]] * 8
+    assert len(loads) == 1 and copy.loading == {}
+    assert asyncio.run(one_request()) == ["node"] and len(loads) == 1  # kept: the copy answers

@@ -145,7 +145,16 @@ def test_the_choice_and_its_reason_are_logged(model, make_node, caplog):
     node_heartbeat_record(name=warm.name, loaded_models=[model.id])
     with caplog.at_level(logging.INFO, logger="apps.gateway.dispatch"):
         _choose(model, warm)
-    assert f"placement: {model.id} on {warm.name}: model loaded, 0 in flight" in caplog.text
+    assert f"placement: {model.id} on {warm.name}: model loaded, the only online node holding it" in caplog.text
+
+
+def test_of_two_nodes_holding_the_model_the_one_with_fewer_requests_in_flight_is_chosen(model, make_node):
+    busy, idle = make_node("busy"), make_node("idle")
+    for node in (busy, idle):
+        node_heartbeat_record(name=node.name, loaded_models=[model.id])
+    _busy(busy, 2)
+    chosen = _choose(model, busy, idle)
+    assert chosen.node.name == idle.name and chosen.reason == "model loaded, 0 in flight"
 
 
 def test_a_memory_need_measured_on_the_node_outweighs_the_modelled_fit(model, make_node):
