@@ -85,10 +85,11 @@ def test_a_burst_that_finds_a_row_missing_reads_it_from_the_database_once():
     from llmplatform.epochs import epochs_request
 
     copy, loads = lookups._Copy(lookups.NODES), []
+    answered = None  # set once the whole burst is waiting: the database read ends only then
 
     async def load():
         loads.append(1)
-        await asyncio.sleep(0.05)  # a database read, during which the rest of the burst arrives
+        await answered.wait()
         return ["node"]
 
     async def one_request():
@@ -96,13 +97,18 @@ def test_a_burst_that_finds_a_row_missing_reads_it_from_the_database_once():
             return await copy.get("live", load)
 
     async def burst():
+        nonlocal answered
+        answered = asyncio.Event()
         first = asyncio.create_task(one_request())
         await asyncio.sleep(0)
         cancelled = asyncio.create_task(one_request())
-        await asyncio.sleep(0)
+        rest = [asyncio.create_task(one_request()) for _ in range(7)]
+        await asyncio.sleep(0)  # every request of the burst is now waiting on the read
         cancelled.cancel()  # a client that leaves does not take the read away from the others
-        return await asyncio.gather(first, *(one_request() for _ in range(7)))
+        answered.set()
+        return await asyncio.gather(first, *rest)
 
     assert asyncio.run(burst()) == [["node"]] * 8
     assert len(loads) == 1 and copy.loading == {}
-    assert asyncio.run(one_request()) == ["node"] and len(loads) == 1  # kept: the copy answers
+    answered = asyncio.Event()  # a read now would wait for ever: the copy must answer
+    assert asyncio.run(asyncio.wait_for(one_request(), 5)) == ["node"] and len(loads) == 1

@@ -353,9 +353,7 @@ class BatchEngine:
         if sequence.slot is not None:
             sequence.slot.sequence = None
             sequence.slot.released_at = time.monotonic()
-        if sequence.sampler is not None:
-            sequence.sampler.close()
-            sequence.sampler = None
+        sequence.sampler = None  # numpy buffers: nothing of llama.cpp's to free
 
     def _forget_slot(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)

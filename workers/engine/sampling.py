@@ -117,6 +117,3 @@ class Sampler:
         choice = min(int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")),
                      len(kept) - 1)
         return int(kept[choice])
-
-    def close(self) -> None:
-        """Nothing to free (kept for the engine's life cycle of a sampler)."""
